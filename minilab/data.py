@@ -1,0 +1,279 @@
+"""Loading a labelled text-classification dataset, from a local folder or the Hugging Face Hub.
+
+Every script reads data the same way: `--data` names a folder holding split files (`train`, `dev`
+or `validation`, `test`, each `.csv`, `.tsv`, `.jsonl` or `.parquet`) or a Hub dataset id, whose
+split files are downloaded with huggingface_hub. The result is a `TaskData`: three splits of
+(text, integer label) plus the label names. Everything that can be wrong with the input is checked
+here, once, and reported as one `DataError` line that says how to fix it, so that a training run
+never dies an hour in on a typo.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .tasks import DEFAULT_TASK, TaskSpec, get_task
+
+EXTENSIONS = (".csv", ".tsv", ".jsonl", ".parquet")
+SPLIT_NAMES = {"train": ("train",), "dev": ("dev", "validation", "valid", "val"), "test": ("test",)}
+
+
+class DataError(ValueError):
+    """The dataset is missing or malformed; the message says what to do."""
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class TaskData:
+    task: str
+    source: str  # the folder or Hub id it came from
+    label_names: list[str]
+    train: Split
+    dev: Split
+    test: Split
+    spec: TaskSpec | None = None  # the registry entry, when the task is a known one
+    notes: list[str] = field(default_factory=list)  # things the user should know (e.g. a carved dev split)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the split files
+
+
+def default_data(task: str) -> str:
+    """Where `--data` points when it is not given: $MINILAB_DATA/<task>, else the task's Hub id."""
+    root = os.environ.get("MINILAB_DATA")
+    if root and (Path(root) / task).is_dir():
+        return str(Path(root) / task)
+    spec = get_task(task)
+    if spec and spec.hub_id:
+        return spec.hub_id
+    raise DataError(f"no data for task {task!r}: pass --data DIR (a folder with train/dev/test files) or set MINILAB_DATA")
+
+
+def _split_of(filename: str) -> str | None:
+    stem = filename.lower()
+    for ext in EXTENSIONS:
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    else:
+        return None
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)  # sharded parquet: train-00000-of-00001
+    for split, names in SPLIT_NAMES.items():
+        if stem in names:
+            return split
+    return None
+
+
+def find_split_files(names: list[str]) -> dict[str, list[str]]:
+    """Group file paths (relative names) by split; files that are not a split are ignored."""
+    found: dict[str, list[str]] = {}
+    for name in sorted(names):
+        split = _split_of(Path(name).name)
+        if split:
+            found.setdefault(split, []).append(name)
+    return found
+
+
+def _hub_split_files(repo_id: str, config: str | None) -> tuple[Path, dict[str, list[str]]]:
+    """List a Hub dataset repository, pick its split files, and download them."""
+    from .hub import HubError, hub_snapshot
+
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(repo_id, repo_type="dataset")
+    except Exception as e:  # offline, unknown or gated: turn it into one line
+        kind = type(e).__name__
+        if "NotFound" in kind:
+            raise HubError(f"Hub dataset {repo_id!r} does not exist: check the id, or pass --data DIR with a local folder") from e
+        if "Gated" in kind:
+            raise HubError(f"Hub dataset {repo_id!r} is gated: accept its terms on the Hub and run `huggingface-cli login`, or pass --data DIR") from e
+        raise HubError(f"cannot reach the Hugging Face Hub to list dataset {repo_id!r} ({kind}): pass --data DIR with a local folder") from e
+    if config:
+        files = [f for f in files if f.split("/")[0] == config or f"/{config}/" in f"/{f}"]
+    by_split = find_split_files(files)
+    if "train" not in by_split:
+        raise HubError(f"Hub dataset {repo_id!r} has no train split file ({', '.join(EXTENSIONS)}); pass --data DIR")
+    wanted = [f for fs in by_split.values() for f in fs]
+    root = Path(hub_snapshot(repo_id, repo_type="dataset", allow_patterns=wanted))
+    return root, by_split
+
+
+# --------------------------------------------------------------------------------------------
+# Reading one file into rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a .csv/.tsv/.jsonl/.parquet file as dicts (column name -> value)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise DataError(f"{path} is a parquet file and pyarrow is not installed: pip install pyarrow") from e
+            return pq.read_table(path).to_pylist()
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise DataError(f"{path} is not a valid {suffix[1:]} file ({e}): fix or replace it") from e
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(EXTENSIONS)}")
+
+
+def _as_label(value, path: Path, row: int):
+    """Labels may be ints, int-looking strings, or names."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip():
+        v = value.strip()
+        return int(v) if re.fullmatch(r"-?\d+", v) else v
+    raise DataError(f"{path}, row {row + 2}: empty or invalid label {value!r}")
+
+
+def _read_split(paths: list[Path], text_col: str, label_col: str):
+    texts, labels, names = [], [], {}
+    for path in paths:
+        rows = read_rows(path)
+        if not rows:
+            raise DataError(f"{path} has no rows")
+        columns = list(rows[0].keys())
+        for col, flag in ((text_col, "--text-col"), (label_col, "--label-col")):
+            if col not in columns:
+                raise DataError(f"{path} has no column {col!r} (columns: {', '.join(columns)}); pass {flag} NAME")
+        for i, row in enumerate(rows):
+            text = row.get(text_col)
+            if text is None or not str(text).strip():
+                raise DataError(f"{path}, row {i + 2}: empty text in column {text_col!r}; remove the row or fill it in")
+            label = _as_label(row.get(label_col), path, i)
+            texts.append(str(text))
+            labels.append(label)
+            if "label_text" in row and isinstance(label, int) and row["label_text"] not in (None, ""):
+                names[label] = str(row["label_text"])
+    return texts, labels, names
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point
+
+
+def load_task(
+    data: str | None = None,
+    task: str | None = None,
+    text_col: str | None = None,
+    label_col: str | None = None,
+    seed: int = 0,
+    dev_fraction: float = 0.1,
+) -> TaskData:
+    """Load a dataset: `data` is a folder or a Hub dataset id; `task` a registry name (default: the
+    folder's name, else "steam")."""
+    if task is None:
+        task = Path(data).name if data and Path(data).is_dir() else DEFAULT_TASK
+    spec = get_task(task)
+    if data is None:
+        data = default_data(task)
+    text_col = text_col or (spec.text_col if spec else "text")
+    label_col = label_col or (spec.label_col if spec else "label")
+
+    path = Path(data).expanduser()
+    if path.is_dir():
+        root = path
+        by_split = find_split_files([str(p.relative_to(root)) for p in root.iterdir() if p.is_file()])
+        if "train" not in by_split:
+            raise DataError(
+                f"{root} has no train file: expected train{{{','.join(EXTENSIONS)}}} (plus dev/validation and test)"
+            )
+    elif path.exists():
+        raise DataError(f"--data {data} is a file: pass the folder that holds the train/dev/test files")
+    elif data.startswith((".", "/", "~")) or data.count("/") > 1:
+        raise DataError(f"data folder {data} does not exist: check the path (or pass a Hub dataset id)")
+    else:
+        root, by_split = _hub_split_files(data, spec.hub_config if spec else None)
+
+    notes: list[str] = []
+    splits, label_text = {}, {}
+    for split in ("train", "dev", "test"):
+        if split in by_split:
+            texts, labels, names = _read_split([root / f for f in by_split[split]], text_col, label_col)
+            splits[split] = (texts, labels)
+            label_text.update(names)
+    if "test" not in splits:
+        raise DataError(f"{data} has no test split file (test{{{','.join(EXTENSIONS)}}}): add one")
+
+    # Label names: string labels are their own names; integer labels take names from the data's
+    # label_text column, else the registry, else their numbers.
+    train_labels = splits["train"][1]
+    if all(isinstance(y, int) for y in train_labels):
+        ids = sorted(set(train_labels))
+        k = max(ids) + 1
+        if spec and len(spec.label_names) >= k:
+            label_names = list(spec.label_names)
+        else:
+            label_names = [label_text.get(i, str(i)) for i in range(k)]
+        to_id = {i: i for i in range(len(label_names))}
+    else:
+        label_names = list(spec.label_names) if spec and set(map(str, train_labels)) <= set(spec.label_names) else sorted(set(map(str, train_labels)))
+        to_id = {name: i for i, name in enumerate(label_names)}
+    seen = set(train_labels)
+    for split, (texts, labels) in splits.items():
+        unseen = sorted({str(y) for y in labels if y not in seen})
+        if unseen:
+            raise DataError(
+                f"{split} split of {data} has label(s) {', '.join(unseen)} never seen in train "
+                f"(train labels: {', '.join(sorted(map(str, seen)))}); fix the labels or the split"
+            )
+    result = {s: Split(t, [to_id[y] for y in l]) for s, (t, l) in splits.items()}
+
+    if "dev" not in result:
+        rng = random.Random(seed)
+        order = list(range(len(result["train"])))
+        rng.shuffle(order)
+        n_dev = max(1, int(round(dev_fraction * len(order))))
+        tr = result["train"]
+        result["dev"] = Split([tr.texts[i] for i in order[:n_dev]], [tr.labels[i] for i in order[:n_dev]])
+        result["train"] = Split([tr.texts[i] for i in order[n_dev:]], [tr.labels[i] for i in order[n_dev:]])
+        notes.append(f"no dev split in {data}: carved {n_dev} examples ({dev_fraction:.0%}) from train with seed {seed}")
+
+    return TaskData(task=task, source=str(data), label_names=label_names, spec=spec, notes=notes, **result)
+
+
+def add_data_args(parser) -> None:
+    """The data options every script shares."""
+    parser.add_argument("--data", default=None, help="a folder of train/dev/test files or a Hub dataset id (default: $MINILAB_DATA/<task> or the task's Hub id)")
+    parser.add_argument("--task", default=None, help="task registry name (steam, sst2, emotion); default: the data folder's name, else steam")
+    parser.add_argument("--text-col", default=None, help="the column holding the text (default from the task, else 'text')")
+    parser.add_argument("--label-col", default=None, help="the column holding the label (default from the task, else 'label')")
+
+
+def load_task_from_args(args) -> TaskData:
+    data = load_task(args.data, args.task, args.text_col, args.label_col, seed=getattr(args, "seed", 0))
+    for note in data.notes:
+        print(f"note: {note}")
+    return data

@@ -1,0 +1,248 @@
+"""Direct Preference Optimization (Rafailov et al., 2023), written out by hand.
+
+DPO trains a policy pi to prefer a chosen answer y_w over a rejected one y_l for the same prompt
+x, while staying close to a frozen reference model pi_ref. With log-ratios
+
+    logits = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)]
+
+the losses are (beta sets how far from the reference the policy may move):
+
+    sigmoid  -log sigmoid(beta * logits)                              the DPO paper
+             with label smoothing eps (conservative DPO, "cDPO"):
+             -(1 - eps) log sigmoid(beta * logits) - eps log sigmoid(-beta * logits)
+    ipo      (logits - 1 / (2 beta))^2                                IPO, Azar et al. 2023
+    hinge    relu(1 - beta * logits)                                  SLiC, Zhao et al. 2023
+
+Here the reference is the same network with its LoRA adapters switched off
+(`minilab.lora.disable_adapters`), and its log-probabilities are computed once, before
+training (`reference_logps`), because they never change.
+
+Scoring answers (`answer_logps`). A classification example is one prompt with several candidate
+answers (chosen/rejected, or all K label words). Running "prompt + answer" once per answer would
+redo the prompt's work n times, and the prompt is usually most of the tokens. Instead we
+  1. prefill the (left-padded) prompts once into a KV cache,
+  2. repeat each prompt's cache rows n times (`cache.repeat_interleave(n)`),
+  3. run all the (right-padded) answers on top of it in one batch,
+  4. apply the output head in fp32 only at the positions that predict answer tokens.
+Step 4 matters as much as step 1: a full (B, T, V) logit tensor for a 49k-token vocabulary is
+far bigger than the model's activations, and we only need a handful of its rows.
+`answer_logps_separate` is the plain "concatenate and run" version, kept as the reference the
+fast path is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilab.lora import disable_adapters
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring answers
+# ---------------------------------------------------------------------------------------------
+
+
+def _head_logps(model: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for each row of h (N, D), with the output head and softmax in fp32."""
+    head = model.lm_head
+    if isinstance(head, nn.Linear):
+        bias = None if head.bias is None else head.bias.float()
+        logits = F.linear(h.float(), head.weight.float(), bias)  # (N, V) fp32
+    else:  # e.g. a LoRALinear head: run it in its own dtype, then upcast
+        logits = head(h).float()
+    logp = torch.log_softmax(logits, dim=-1)  # (N, V)
+    return logp.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+
+
+def _sum_per_row(token_logps: torch.Tensor, mask: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Scatter per-token logps (N,) back to rows of the (R, T) mask and sum (or average) them."""
+    rows = mask.nonzero(as_tuple=True)[0]  # (N,) row index of each answer token, same order as mask[mask]
+    out = torch.zeros(mask.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    out = out.index_add(0, rows, token_logps)  # (R,)
+    if normalize:
+        out = out / mask.sum(1).clamp(min=1).to(out.dtype)
+    return out
+
+
+def _check_shapes(prompt_ids, prompt_mask, answer_ids, answer_mask) -> int:
+    if prompt_ids.shape != prompt_mask.shape or answer_ids.shape != answer_mask.shape:
+        raise ValueError(
+            f"ids and masks must have the same shape: prompt {tuple(prompt_ids.shape)} vs {tuple(prompt_mask.shape)}, "
+            f"answer {tuple(answer_ids.shape)} vs {tuple(answer_mask.shape)}"
+        )
+    B, R = prompt_ids.shape[0], answer_ids.shape[0]
+    if R % B:
+        raise ValueError(f"answer rows ({R}) must be a multiple of prompt rows ({B}): n answers per prompt, prompt-major order")
+    if (prompt_mask.sum(1) == 0).any():
+        raise ValueError("every prompt needs at least one real token (prompt_mask row of zeros found)")
+    if (answer_mask.sum(1) == 0).any():
+        raise ValueError("every answer needs at least one real token (answer_mask row of zeros found)")
+    return R // B
+
+
+def answer_logps(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Summed log p(answer | prompt) for n answers per prompt, running each prompt once.
+
+    prompt_ids, prompt_mask: (B, Tp), LEFT-padded (mask 1 = real token), so every prompt ends
+        at column Tp - 1 and its answers can all start at column Tp.
+    answer_ids, answer_mask: (B * n, Ta), RIGHT-padded, prompt-major: rows b*n .. b*n + n - 1
+        are the answers to prompt b (for DPO pairs: chosen, rejected, chosen, rejected, ...).
+    normalize: divide by the answer length (mean log-prob per token, as TRL does for IPO).
+    Returns (B * n,) float32. Gradients flow through the prompt as well as the answers.
+    """
+    n = _check_shapes(prompt_ids, prompt_mask, answer_ids, answer_mask)
+    prompt_mask, answer_mask = prompt_mask.long(), answer_mask.long()
+    # 1. Prefill the prompts. Left padding: positions count real tokens only, so a prompt's first
+    #    real token is at position 0 whatever its padding.
+    prompt_pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp)
+    cache = model.new_cache()
+    h_prompt = model.hidden_states(prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, cache=cache)  # (B, Tp, D)
+    # 2. Share each prompt's cache with its n answers.
+    cache.repeat_interleave(n)
+    # 3. All answers at once, continuing the positions where each prompt stopped.
+    Ta = answer_ids.shape[1]
+    prompt_len = prompt_mask.sum(1).repeat_interleave(n)  # (B*n,)
+    answer_pos = prompt_len[:, None] + torch.arange(Ta, device=answer_ids.device)  # (B*n, Ta)
+    full_mask = torch.cat([prompt_mask.repeat_interleave(n, dim=0), answer_mask], dim=1)  # (B*n, Tp + Ta)
+    h_answer = model.hidden_states(answer_ids, attention_mask=full_mask, position_ids=answer_pos, cache=cache)  # (B*n, Ta, D)
+    # 4. Token j of an answer is predicted by the state just before it: the prompt's last state
+    #    for j = 0, the answer's state j - 1 after that.
+    h_last = h_prompt[:, -1].repeat_interleave(n, dim=0)  # (B*n, D)
+    h_pred = torch.cat([h_last[:, None], h_answer[:, :-1]], dim=1)  # (B*n, Ta, D)
+    sel = answer_mask.bool()
+    token_logps = _head_logps(model, h_pred[sel], answer_ids[sel])  # (N,) N = real answer tokens
+    return _sum_per_row(token_logps, sel, normalize)
+
+
+def answer_logps_separate(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Same result as `answer_logps`, the plain way: one full "prompt + answer" sequence per answer.
+
+    Each row is rebuilt as [real prompt tokens, real answer tokens, padding] (right-padded), run
+    without a cache, and scored at the positions that predict the answer. Costs n prompt passes
+    instead of one; kept as the reference for tests and as a fallback for models without a cache.
+    Padding of the inputs may be left or right here.
+    """
+    n = _check_shapes(prompt_ids, prompt_mask, answer_ids, answer_mask)
+    rows, pred_pos, targets = [], [], []
+    for r in range(answer_ids.shape[0]):
+        p = prompt_ids[r // n][prompt_mask[r // n].bool()]
+        a = answer_ids[r][answer_mask[r].bool()]
+        rows.append(torch.cat([p, a]))
+        # answer token k sits at len(p) + k and is predicted from position len(p) + k - 1
+        pred_pos.append(torch.arange(len(p) - 1, len(p) + len(a) - 1))
+        targets.append(a)
+    T = max(len(x) for x in rows)
+    ids = torch.zeros(len(rows), T, dtype=answer_ids.dtype, device=answer_ids.device)
+    mask = torch.zeros(len(rows), T, dtype=torch.long, device=answer_ids.device)
+    for r, x in enumerate(rows):
+        ids[r, : len(x)] = x
+        mask[r, : len(x)] = 1
+    h = model.hidden_states(ids, attention_mask=mask)  # (R, T, D)
+    row_idx = torch.cat([torch.full((len(p),), r) for r, p in enumerate(pred_pos)]).to(h.device)
+    col_idx = torch.cat(pred_pos).to(h.device)
+    token_logps = _head_logps(model, h[row_idx, col_idx], torch.cat(targets))  # (N,)
+    sel = answer_mask.bool()  # same number of real tokens per row, same order
+    return _sum_per_row(token_logps, sel, normalize)
+
+
+def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B*2,) logps in [chosen, rejected, chosen, rejected, ...] order -> (chosen (B,), rejected (B,))."""
+    pairs = logps.view(-1, 2)  # (B, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], normalize: bool = False) -> list[torch.Tensor]:
+    """Reference log-probs for every batch, computed once with the adapters OFF, before training.
+
+    batches: the training batches, each a mapping with prompt_ids, prompt_mask, answer_ids,
+        answer_mask as taken by `answer_logps`. Keep the batches fixed (build them once and
+        shuffle their order, not their contents) so that result[i] stays aligned with batch i.
+    Returns one (B*n,) float32 tensor per batch, on the batches' device. Use `split_pairs` on an
+    element to get (ref_chosen, ref_rejected). The model is put in eval mode (no dropout) for
+    this and then restored to the mode it was in.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with disable_adapters(model):
+            for b in batches:
+                out.append(answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"], normalize=normalize).detach())
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO loss (mean over the batch) and its usual metrics; all inputs are (B,) logps.
+
+    For IPO this uses whatever logps it is given. TRL divides them by the answer length first;
+    to match it, score with `answer_logps(..., normalize=True)` for both policy and reference.
+    Metrics are detached 0-d tensors (call .item() when logging, not every step on a GPU):
+    rewards/chosen and rewards/rejected are beta * (policy - reference) log-probs, averaged;
+    rewards/accuracies is how often the chosen reward beats the rejected one; rewards/margins
+    their mean difference; logps/chosen and logps/rejected the policy's mean log-probs.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}: choose one of {LOSS_TYPES}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError("label_smoothing only applies to loss_type='sigmoid' (conservative DPO)")
+    shapes = {t.shape for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
+    if len(shapes) != 1:
+        raise ValueError(f"policy and reference logps must all have the same shape, got {sorted(map(tuple, shapes))}")
+
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:  # hinge
+        losses = torch.relu(1 - beta * logits)
+
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()  # (B,)
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+    }
+    return losses.mean(), metrics

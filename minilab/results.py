@@ -1,0 +1,75 @@
+"""The results contract: every run writes `results/<task>/<name>.json`, and the report reads only these.
+
+A results file is the single source of truth for a row in the comparison table, so it records not
+just the scores but everything needed to trust and reproduce them: split sizes, time, throughput,
+memory, device, precision, seed and the exact command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+REQUIRED = ("task", "model", "split_sizes", "zero_shot", "fine_tuned", "train_seconds", "examples_per_second",
+            "peak_rss_mb", "device", "dtype", "seed", "command")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if platform.system() != "Darwin" else kib / 2**20
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def results_path(task: str, name: str, root: str | Path = "results") -> Path:
+    return Path(root) / task / f"{name}.json"
+
+
+def write_results(payload: dict, name: str, root: str | Path = "results") -> Path:
+    """Write the results file atomically (temp file + rename), so a crash never leaves half a file
+    and an earlier good result is only replaced by a complete new one."""
+    missing = [k for k in REQUIRED if k not in payload]
+    if missing:
+        raise ValueError(f"results for {name!r} lack {', '.join(missing)}")
+    path = results_path(payload["task"], name, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(path: str | Path) -> dict:
+    """Read and validate one results file; a missing or malformed file raises one clear ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"results file {path} does not exist: run its step first (e.g. `make lab`)")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"results file {path} is not valid JSON ({e}): delete it and rerun its step") from e
+    if not isinstance(payload, dict):
+        raise ValueError(f"results file {path} does not hold a JSON object: delete it and rerun its step")
+    missing = [k for k in REQUIRED if k not in payload]
+    if missing:
+        raise ValueError(f"results file {path} lacks {', '.join(missing)}: delete it and rerun its step")
+    return payload
+
+
+def fmt_score(block: dict | None) -> str:
+    """'0.812 [0.741, 0.867]' for a metrics block."""
+    if not block:
+        return "-"
+    lo, hi = block["accuracy_ci95"]
+    return f"{block['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"

@@ -1,0 +1,80 @@
+"""Where training metrics go: a local JSONL file always, and Weights & Biases when it is available.
+
+The JSONL file is what the report reads, so the lab works without a W&B account, without network
+and without wandb installed at all. W&B runs offline unless the user has logged in (then `wandb
+sync` can upload an offline run later); the WANDB_MODE variable, when set, always wins, and tests
+set it to "disabled".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+
+def _wandb_mode() -> str:
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+class Tracker:
+    """Log dicts of metrics against a step to `<jsonl_path>` and to one W&B run."""
+
+    def __init__(self, jsonl_path: str | Path, project: str = "minilab", run_name: str | None = None,
+                 config: dict | None = None, group: str | None = None):
+        self.path = Path(jsonl_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w")
+        self.t0 = time.time()
+        self.run = None
+        self.mode = _wandb_mode()
+        if self.mode != "disabled":
+            try:
+                import wandb
+            except ImportError:
+                wandb = None
+            if wandb is not None:
+                try:
+                    self.run = wandb.init(project=project, name=run_name, group=group, config=config or {},
+                                          mode=self.mode, dir=str(self.path.parent), reinit="finish_previous")
+                except Exception as e:  # W&B trouble must never stop a training run
+                    print(f"note: Weights & Biases disabled ({type(e).__name__}: {e})")
+                    self.run = None
+        if config is not None:
+            self.log({"config": config}, step=0, kind="config")
+
+    def log(self, metrics: dict, step: int, kind: str = "train") -> None:
+        record = {"kind": kind, "step": step, "time": round(time.time() - self.t0, 3), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.run is not None and kind != "config":
+            flat = {f"{kind}/{k}" if "/" not in k else k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.run.log(flat, step=step)
+
+    def summary(self, metrics: dict) -> None:
+        self.log(metrics, step=-1, kind="summary")
+        if self.run is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float, str)):
+                    self.run.summary[k] = v
+
+    def log_images(self, images: dict[str, str | Path]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({k: wandb.Image(str(v)) for k, v in images.items()})
+
+    def finish(self) -> None:
+        self.file.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
