@@ -384,23 +384,23 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _normalize_hub_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hub names as a bare BertModel (+ `classifier.*`) would have them.
+def _normalize_hub_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Hub names as a bare BertModel (+ `classifier.*`) would have them, and each one's name in the file.
 
     Drops the `bert.` prefix, renames TF-era LayerNorm `gamma`/`beta` to `weight`/`bias`, and
     drops pretraining heads and saved position-id buffers.
     """
-    out = {}
-    for k, t in tensors.items():
-        if k.startswith(_IGNORED_PREFIXES) or k.endswith(_IGNORED_SUFFIXES):
+    out, original = {}, {}
+    for name, t in tensors.items():
+        if name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES):
             continue
-        k = k.removeprefix("bert.")
+        k = name.removeprefix("bert.")
         if k.endswith(".gamma"):
             k = k[: -len("gamma")] + "weight"
         elif k.endswith(".beta"):
             k = k[: -len("beta")] + "bias"
-        out[k] = t
-    return out
+        out[k], original[k] = t, name
+    return out, original
 
 
 def load_bert_weights(model: BertModel | BertForSequenceClassification, folder: str | Path) -> list[str]:
@@ -410,9 +410,15 @@ def load_bert_weights(model: BertModel | BertForSequenceClassification, folder: 
     except that a classifier head may be absent (a pretrained encoder, fine-tuned from scratch).
     """
     folder = Path(folder)
-    hub = _normalize_hub_keys(read_safetensors(folder))
+    hub, original = _normalize_hub_keys(read_safetensors(folder))
+    prefixed = any(n.startswith("bert.") for n in original.values())
+
+    def shown(k: str) -> str:  # a name as the file spells it (or would, for a missing one)
+        return original.get(k) or (f"bert.{k}" if prefixed and not k.startswith("classifier.") else k)
+
     is_clf = isinstance(model, BertForSequenceClassification)
     encoder = model.bert if is_clf else model
+    # hub names without the `bert.` prefix, which _normalize_hub_keys has stripped
     key_map = hub_key_map(len(encoder.layers))
     if is_clf:
         key_map = {f"bert.{k}": v for k, v in key_map.items()}
@@ -423,20 +429,22 @@ def load_bert_weights(model: BertModel | BertForSequenceClassification, folder: 
     state, missing, bad_shape, used = {}, [], [], set()
     for name, hub_names in key_map.items():
         names = hub_names if isinstance(hub_names, tuple) else (hub_names,)
+        used.update(names)
         absent = [n for n in names if n not in hub]
         if absent:
             if name not in optional:
-                missing.extend(absent)
+                missing.extend(shown(n) for n in absent)
             continue
-        used.update(names)
         t = torch.cat([hub[n] for n in names]) if len(names) > 1 else hub[names[0]]
         if t.shape != ours[name].shape:
-            bad_shape.append(f"{'+'.join(names)}: checkpoint {tuple(t.shape)} vs model {tuple(ours[name].shape)}")
+            bad_shape.append(f"{'+'.join(shown(n) for n in names)}: checkpoint {tuple(t.shape)} vs model {tuple(ours[name].shape)}")
             continue
         state[name] = t
-    unexpected = sorted(set(hub) - used)
-    if not is_clf:
-        unexpected = [k for k in unexpected if not k.startswith("classifier.")]  # an encoder may drop the head
+    head_absent = sorted(n for n in optional if key_map[n] not in hub)
+    if 0 < len(head_absent) < len(optional):  # half a head is a broken file, not a fresh start
+        missing.extend(shown(key_map[n]) for n in head_absent)
+    unexpected = sorted(shown(k) for k in set(hub) - used
+                        if is_clf or not k.startswith("classifier."))  # an encoder may drop the head
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")

@@ -51,11 +51,13 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 def _head_logps(model: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) for each row of h (N, D), with the output head and softmax in fp32."""
     head = model.lm_head
-    if isinstance(head, nn.Linear):
-        bias = None if head.bias is None else head.bias.float()
-        logits = F.linear(h.float(), head.weight.float(), bias)  # (N, V) fp32
-    else:  # e.g. a LoRALinear head: run it in its own dtype, then upcast
-        logits = head(h).float()
+    # autocast off: under torch.autocast(bf16) F.linear would quietly run in bf16 again.
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        if isinstance(head, nn.Linear):
+            bias = None if head.bias is None else head.bias.float()
+            logits = F.linear(h.float(), head.weight.float(), bias)  # (N, V) fp32
+        else:  # e.g. a LoRALinear head: run it in its own dtype, then upcast
+            logits = head(h).float()
     logp = torch.log_softmax(logits, dim=-1)  # (N, V)
     return logp.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
 
@@ -110,8 +112,8 @@ def answer_logps(
     prompt_pos = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp)
     cache = model.new_cache()
     h_prompt = model.hidden_states(prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, cache=cache)  # (B, Tp, D)
-    # 2. Share each prompt's cache with its n answers.
-    cache.repeat_interleave(n)
+    # 2. Share each prompt's cache with its n answers (a new cache; the old one is dropped).
+    cache = cache.repeat_interleave(n)
     # 3. All answers at once, continuing the positions where each prompt stopped.
     Ta = answer_ids.shape[1]
     prompt_len = prompt_mask.sum(1).repeat_interleave(n)  # (B*n,)

@@ -300,8 +300,8 @@ def build_attention_mask(attention_mask: torch.Tensor | None, B: int, T: int, pa
 
     Query i (absolute position past + i) sees key j when j <= past + i and key j is not padding.
     A query always sees itself, so a padding query's row is never fully masked: its output is junk
-    that nobody reads, but it is finite, whereas an all-False row makes SDPA return NaN, and NaN
-    leaks through `loss * mask` and into gradients.
+    that nobody reads, but it is finite. Current PyTorch returns zeros for an all-False row, but
+    releases before 2.5 return NaN, which would leak through `loss * mask` into gradients.
     """
     if attention_mask is None and (past == 0 or T == 1):
         return None

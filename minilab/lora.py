@@ -9,7 +9,7 @@ the gradient reaching B is not zero. `scale` is alpha / r (the paper) or alpha /
 (rsLoRA, Kalajdzievski 2023, which keeps the update's size stable as r grows).
 
 Why this file exists rather than `import peft`:
-  * it is about 200 lines and shows every step (injection, freezing, merging, the file format);
+  * it is short and shows every step (injection, freezing, merging, the file format);
   * the DPO reference model is the same network with adapters switched off (`disable_adapters`),
     so we never hold a second copy of the weights;
   * the adapter files are PEFT's own (`adapter_model.safetensors` + `adapter_config.json`), so an

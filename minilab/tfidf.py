@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 
 import torch
@@ -110,6 +111,32 @@ class TfidfVectorizer:
 # Multinomial logistic regression
 
 
+def to_csr(x: torch.Tensor) -> torch.Tensor:
+    """A sparse COO matrix as CSR (compressed rows), the layout whose matmul with a dense matrix is fast."""
+    if x.layout == torch.sparse_csr:
+        return x
+    with warnings.catch_warnings():  # torch calls its CSR support "beta"; the matmul we use is solid
+        warnings.simplefilter("ignore")
+        return x.coalesce().to_sparse_csr()
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """x @ w for a sparse x and a dense trainable w, whose backward is the one sparse matmul x^T @ g.
+
+    Autograd's generic sparse path re-derives x^T on every backward call, about 100x slower than
+    this on our matrices; L-BFGS calls backward a hundred times, so we transpose x once instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, xt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.xt = xt
+        return x @ w  # (N, V) @ (V, K) -> (N, K)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None, ctx.xt @ grad  # (V, N) @ (N, K) -> (V, K): dL/dw
+
+
 class LogisticRegression(nn.Module):
     """logits = X @ W + b.
 
@@ -128,8 +155,15 @@ class LogisticRegression(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_features, k))  # (V, K') zeros: a convex problem needs no random init
         self.bias = nn.Parameter(torch.zeros(k))  # (K',)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.mm(x, self.weight) + self.bias  # (N, K'), x may be sparse
+    def forward(self, x: torch.Tensor, xt: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, V), dense or sparse. While training on a sparse x, pass xt = x^T (CSR) too."""
+        if xt is not None:
+            z = _SparseMatmul.apply(x, xt, self.weight)  # (N, K')
+        elif x.is_sparse or x.layout == torch.sparse_csr:
+            z = to_csr(x) @ self.weight
+        else:
+            z = x @ self.weight
+        z = z + self.bias
         if self.num_labels == 2:
             z = torch.cat([torch.zeros_like(z), z], dim=1)  # (N, 2)
         return z
@@ -151,6 +185,10 @@ def fit_logistic_regression(x: torch.Tensor, y: list[int] | torch.Tensor, num_la
         raise ValueError(f"C must be > 0, got {C}")
     y = torch.as_tensor(y, dtype=torch.long)
     n, v = x.shape
+    if x.is_sparse or x.layout == torch.sparse_csr:
+        x, xt = to_csr(x), to_csr(x.t())  # (N, V) and (V, N), made once
+    else:
+        xt = None
     model = LogisticRegression(v, num_labels)
     opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
@@ -160,7 +198,7 @@ def fit_logistic_regression(x: torch.Tensor, y: list[int] | torch.Tensor, num_la
         nonlocal calls
         calls += 1
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y) + model.weight.pow(2).sum() / (2 * C * n)
+        loss = F.cross_entropy(model(x, xt), y) + model.weight.pow(2).sum() / (2 * C * n)
         loss.backward()
         return loss
 

@@ -234,8 +234,10 @@ def test_load_adapter_errors(tmp_path):
 
 def _our_llama_from_hf(hf_model, tmp_path):
     llama = pytest.importorskip("minilab.llama")
-    hf_model.save_pretrained(tmp_path / "base")
-    model, _ = llama.load_llama(str(tmp_path / "base"), torch.float32)
+    hf_model.save_pretrained(tmp_path)
+    # load_llama's building blocks: a tiny random checkpoint has no tokenizer files to load
+    config = llama.LlamaConfig.from_pretrained(tmp_path)
+    model = llama.model_from_tensors(config, llama.read_safetensors_folder(tmp_path), torch.float32)
     return model.eval()
 
 
@@ -243,7 +245,7 @@ def _our_llama_from_hf(hf_model, tmp_path):
 def test_our_llama_adapter_roundtrip_with_peft(tmp_path):
     """The brief's parity test on minilab's own llama: our adapter -> PEFT on transformers, and back."""
     hf = _tiny_hf_llama()
-    model = _our_llama_from_hf(hf, tmp_path)
+    model = _our_llama_from_hf(hf, tmp_path / "base")
     apply_lora(model, r=8, alpha=16, dropout=0.05, include_mlp=True)
     _randomise_B(model)
     model.eval()

