@@ -24,8 +24,7 @@ from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
 from minilab.generate import stream_generate
 from minilab.hub import HubError, package_dir
 from minilab.llama import load_llama
-from minilab.lmclassifier import (PromptFormat, answer_token_ids, classify, dpo_batches, dpo_pairs, map_answer,
-                                  prompt_ids)
+from minilab.lmclassifier import PromptBuilder, PromptFormat, answer_token_ids, classify, dpo_batches, dpo_pairs, map_answer
 from minilab.lora import apply_lora, count_parameters, load_adapter, save_adapter
 from minilab.metrics import evaluate_predictions
 from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
@@ -123,7 +122,10 @@ def main(argv=None) -> int:
     fmt = PromptFormat.for_task(data.spec, data.label_names, max_text_tokens=pick(args, preset, "max_text_tokens"),
                                 truncate_side=args.truncate_side)
     answers = answer_token_ids(tokenizer, fmt)
-    prompts = {s: [prompt_ids(tokenizer, fmt, t) for t in getattr(data, s).texts] for s in ("train", "dev", "test")}
+    builder = PromptBuilder(tokenizer, fmt)
+    prefix = builder.prefix
+    prefix_ids = torch.tensor([prefix], device=device)
+    prompts = {s: [builder.example(t) for t in getattr(data, s).texts] for s in ("train", "dev", "test")}
     all_wrong = args.all_wrong or data.num_labels == 2
     pairs = dpo_pairs(data.train.labels, data.num_labels, all_wrong=all_wrong, seed=cfg.seed)
     max_pairs = pick(args, preset, "max_pairs")
@@ -133,9 +135,10 @@ def main(argv=None) -> int:
     mean_len = sum(map(len, prompts["train"])) / len(prompts["train"])
     print(f"[4/10] dataset: {len(pairs)} DPO pairs (chosen = right label, rejected = "
           f"{'each wrong label' if all_wrong else 'a sampled wrong label'}), {len(batches)} batches; "
-          f"answers {dict(zip(data.label_names, fmt.answers))}; mean prompt {mean_len:.0f} tokens, texts cut at "
+          f"answers {dict(zip(data.label_names, fmt.answers))}; a shared prefix of {len(prefix)} tokens + "
+          f"{mean_len:.0f} tokens per text on average, texts cut at "
           f"{fmt.max_text_tokens} tokens from the {fmt.truncate_side}")
-    print("      example prompt:\n      " + tokenizer.decode(prompts["test"][0]).replace("\n", "\n      "))
+    print("      example prompt:\n      " + tokenizer.decode(prefix + prompts["test"][0]).replace("\n", "\n      "))
 
     test_n = args.test_limit or len(data.test)
     test_prompts, test_labels = prompts["test"][:test_n], data.test.labels[:test_n]
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
 
     def evaluate_test(model) -> tuple[dict, dict, list[int], list[str]]:
         model.eval()
-        preds, _, texts = classify(model, tokenizer, test_prompts, answers, device, amp(), gen_tokens=4)
+        preds, _, texts = classify(model, tokenizer, prefix, test_prompts, answers, device, amp(), gen_tokens=4)
         scored = evaluate_predictions(test_labels, preds, data.num_labels)
         gen_preds = [map_answer(t, fmt.answers) for t in texts]
         generated = evaluate_predictions(test_labels, [p if p >= 0 else (y + 1) % data.num_labels for p, y in zip(gen_preds, test_labels)], data.num_labels)
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
     model.eval()
     for i in range(k):
         print(f"      text: {data.test.texts[i][:160]!r}  (true: {data.label_names[data.test.labels[i]]})")
-        before.append(stream(model, tokenizer, test_prompts[i], args.max_new_tokens, device))
+        before.append(stream(model, tokenizer, prefix + test_prompts[i], args.max_new_tokens, device))
     t_eval = time.time()
     zero_shot, zero_gen, _, _ = evaluate_test(model)
     print(f"      zero-shot on test ({test_n}): label scoring {fmt_score(zero_shot)}, macro-F1 {zero_shot['macro_f1']:.3f}; "
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
     t_ref = time.time()
     device_batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     with amp():
-        refs = reference_logps(model, device_batches)
+        refs = reference_logps(model, device_batches, prefix_ids=prefix_ids)
     print(f"[6/10] DPO: loss {args.loss_type}, beta {beta}, label smoothing {args.label_smoothing}; reference "
           f"log-probs of {len(pairs)} pairs computed once with the adapters off in {time.time() - t_ref:.0f}s")
 
@@ -184,14 +187,14 @@ def main(argv=None) -> int:
 
     def loss_fn(model, bi):
         b = device_batches[bi]
-        logps = answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"])
+        logps = answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"], prefix_ids=prefix_ids)
         pc, pr = split_pairs(logps)
         rc, rr = split_pairs(refs[bi])
         loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing)
         return loss, {k: v.item() for k, v in metrics.items()}
 
     def evaluate(model):
-        preds, _, _ = classify(model, tokenizer, dev_prompts, answers, device, amp())
+        preds, _, _ = classify(model, tokenizer, prefix, dev_prompts, answers, device, amp())
         return evaluate_predictions(dev_labels, preds, data.num_labels)
 
     run_dir = Path(args.out) / data.task
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
     after = []
     for i in range(k):
         print(f"      text: {data.test.texts[i][:160]!r}  (true: {data.label_names[data.test.labels[i]]})")
-        after.append(stream(fresh, tokenizer, test_prompts[i], args.max_new_tokens, device))
+        after.append(stream(fresh, tokenizer, prefix + test_prompts[i], args.max_new_tokens, device))
     fine_tuned, fine_gen, preds, texts = evaluate_test(fresh)
     print(f"      after DPO on test ({test_n}): label scoring {fmt_score(fine_tuned)}, macro-F1 {fine_tuned['macro_f1']:.3f}; "
           f"free generation {fmt_score(fine_gen)} ({fine_gen['unparsed']} unparsed)")

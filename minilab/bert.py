@@ -8,12 +8,13 @@ the work is done, because on a CPU every skipped FLOP is wall-clock time:
 1. Query, key and value are one fused `Linear(H, 3H)`: one matmul instead of three. The Hub
    stores them separately, so we concatenate when loading and split again when saving.
 2. Padding is never computed. Text batches are padded to the longest sentence, and often a
-   third of a batch is padding. Everything in BERT except attention works token by token
-   (embeddings, LayerNorm, projections, FFN), so we gather the real tokens into one packed
-   (N, H) matrix and run those parts on N rows instead of B*T. Only attention needs the (B, T)
+   third to a half of a batch is padding (random SST-2 batches of 32: 49%). Everything in
+   BERT except attention works token by token (embeddings, LayerNorm, projections, FFN), so
+   we gather the real tokens into one packed (N, H) matrix and run those parts on N rows
+   instead of B*T. Only attention needs the (B, T)
    layout; it scatters q/k/v back into a padded tensor for `F.scaled_dot_product_attention`
-   and gathers its output again. Rows of padding tokens never influence real tokens (they are
-   masked as keys), so the real rows are bit-for-bit the same computation as with padding.
+   and gathers its output again. Padding tokens never influence real tokens (they are masked
+   as keys), so the real rows get the same math as with padding; only float rounding differs.
 3. The classifier only reads the [CLS] token of the last layer. Its keys and values still
    need every token, but its output projection, LayerNorms and FFN are run on the B [CLS]
    rows only (`cls_only=True`). The loss is identical: in the reference those other rows are
@@ -32,6 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from minilab.hub import resolve_model_dir
 
 # -----------------------------------------------------------------------------
 # Config
@@ -119,6 +124,48 @@ _ACTIVATIONS = {
 }
 
 # -----------------------------------------------------------------------------
+# Dropout
+
+
+class _DropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        scale = (torch.rand(x.shape, device=x.device) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))  # 0 or 1/(1-p)
+        ctx.save_for_backward(scale)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+class Dropout(nn.Module):
+    """Inverted dropout, the same as nn.Dropout, drawn faster on CPU.
+
+    Each element is kept with probability 1 - p and scaled by 1/(1 - p), exactly the
+    distribution of nn.Dropout; we draw it as `rand >= p` rather than with `bernoulli_`, which
+    on CPU is about twice as slow, and a BERT step draws a mask for every activation of the
+    residual stream three times per layer (measured: 5.5 vs 9.2 ms forward+backward for a
+    1280 x 384 activation, one thread).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return _DropoutFn.apply(x, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# -----------------------------------------------------------------------------
 # Packing: where the real tokens of a padded batch are
 
 
@@ -172,7 +219,7 @@ class BertEmbeddings(nn.Module):
         self.position = nn.Embedding(config.max_position_embeddings, H)
         self.token_type = nn.Embedding(config.type_vocab_size, H)
         self.norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
-        self.drop = nn.Dropout(config.hidden_dropout_prob)
+        self.drop = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids, packing: Packing) -> torch.Tensor:
         x = self.word(packing.pack(input_ids))  # (N, H)
@@ -195,7 +242,7 @@ class BertSelfAttention(nn.Module):
         self.n_head = n_head
         self.qkv = qkv
         self.proj = proj
-        self.dropout = dropout
+        self.dropout_p = dropout
 
     def forward(self, x: torch.Tensor, packing: Packing, cls_only: bool = False) -> torch.Tensor:
         B, T = packing.B, packing.T
@@ -205,7 +252,7 @@ class BertSelfAttention(nn.Module):
         if cls_only:
             q = q[:, :, :1]  # only [CLS] asks; every real token still answers
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=packing.mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=packing.mask, dropout_p=self.dropout_p if self.training else 0.0
         )  # (B, nh, Tq, hd)
         y = y.transpose(1, 2).flatten(2)  # (B, Tq, H)
         y = y[:, 0] if cls_only else packing.pack(y)  # (B, H) or (N, H)
@@ -224,7 +271,7 @@ class BertLayer(nn.Module):
         self.ffn_out = ffn_out
         self.ffn_norm = ffn_norm
         self.act = _ACTIVATIONS[act]
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, packing: Packing, cls_only: bool = False) -> torch.Tensor:
         h = self.attn(x, packing, cls_only)
@@ -304,7 +351,7 @@ class BertForSequenceClassification(nn.Module):
         self.config = config
         self.bert = BertModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         _init_weights(self.classifier, config.initializer_range)
 
@@ -358,8 +405,6 @@ def classifier_key_map(num_layers: int) -> dict[str, str | tuple[str, ...]]:
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder (one model.safetensors or an index of shards)."""
-    from safetensors.torch import load_file
-
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
@@ -370,7 +415,9 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{index} is not a valid safetensors index ({e}); re-download the checkpoint") from e
         files = [folder / s for s in shards]
     else:
-        hint = " (it has pytorch_model.bin: convert it to safetensors first)" if (folder / "pytorch_model.bin").exists() else ""
+        hint = ""
+        if (folder / "pytorch_model.bin").exists():
+            hint = " (it has pytorch_model.bin: convert it to safetensors first)"
         raise ValueError(f"no model.safetensors in {folder}{hint}")
     tensors = {}
     for f in files:
@@ -437,7 +484,8 @@ def load_bert_weights(model: BertModel | BertForSequenceClassification, folder: 
             continue
         t = torch.cat([hub[n] for n in names]) if len(names) > 1 else hub[names[0]]
         if t.shape != ours[name].shape:
-            bad_shape.append(f"{'+'.join(shown(n) for n in names)}: checkpoint {tuple(t.shape)} vs model {tuple(ours[name].shape)}")
+            bad_shape.append(f"{'+'.join(shown(n) for n in names)}: "
+                             f"checkpoint {tuple(t.shape)} vs model {tuple(ours[name].shape)}")
             continue
         state[name] = t
     head_absent = sorted(n for n in optional if key_map[n] not in hub)
@@ -469,8 +517,6 @@ def load_bert_classifier(name_or_path: str, num_labels: int, id2label: dict[int,
     N(0, initializer_range) with a generator seeded by `seed`, so runs are reproducible.
     The model is returned in eval mode, like transformers; call `.train()` to fine-tune.
     """
-    from minilab.hub import resolve_model_dir
-
     folder = resolve_model_dir(name_or_path)
     config = BertConfig.from_pretrained(folder)
     if id2label is not None:
@@ -493,8 +539,6 @@ def load_bert_classifier(name_or_path: str, num_labels: int, id2label: dict[int,
 def save_bert_classifier(model: BertForSequenceClassification, tokenizer: "BertTokenizer", out_dir: str | Path,
                          id2label: dict[int, str] | None = None) -> Path:
     """Write a folder that transformers' AutoModelForSequenceClassification loads as is."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = BertConfig(**asdict(model.config))
@@ -508,7 +552,8 @@ def save_bert_classifier(model: BertForSequenceClassification, tokenizer: "BertT
     tensors = {}
     for name, hub_names in classifier_key_map(len(model.bert.layers)).items():
         if name not in state:
-            raise ValueError(f"model has no parameter {name!r}: merge any adapters (LoRA) into the weights before saving")
+            raise ValueError(f"model has no parameter {name!r}: merge any adapters (LoRA) into the weights "
+                             "before saving")
         t = state[name].detach().cpu()
         if isinstance(hub_names, tuple):  # fused q/k/v -> query, key, value
             for hub_name, part in zip(hub_names, t.chunk(len(hub_names), dim=0)):
@@ -591,8 +636,6 @@ class BertTokenizer:
 
 def _wordpiece_from_vocab(vocab_file: Path, lowercase: bool, strip_accents: bool | None):
     """BERT's tokenizer rebuilt from a bare vocab.txt (for checkpoints without tokenizer.json)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     tok = Tokenizer(models.WordPiece.from_file(str(vocab_file), unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                 strip_accents=strip_accents, lowercase=lowercase)
@@ -606,14 +649,13 @@ def _wordpiece_from_vocab(vocab_file: Path, lowercase: bool, strip_accents: bool
     )
     tok.decoder = decoders.WordPiece()
     # special tokens written in the text stay whole, as in transformers' BertTokenizer
-    tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if tok.token_to_id(t) is not None])
+    specials = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    tok.add_special_tokens([t for t in specials if tok.token_to_id(t) is not None])
     return tok
 
 
 def load_bert_tokenizer(folder: str | Path) -> BertTokenizer:
     """The tokenizer of a checkpoint folder: tokenizer.json, else vocab.txt."""
-    from tokenizers import Tokenizer
-
     folder = Path(folder)
     cfg = {}
     cfg_path = folder / "tokenizer_config.json"

@@ -140,6 +140,8 @@ class ChatTokenizer:
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         vocab = {tok: i for i, tok in enumerate(tokens)}
+        if "tokenizer.ggml.merges" not in meta:
+            raise ValueError("this GGUF's byte-level tokenizer has no tokenizer.ggml.merges: the file is incomplete")
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
         pre = meta.get("tokenizer.ggml.pre", "default")
         bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
@@ -206,7 +208,7 @@ class ChatTokenizer:
         return [self.encode(t, add_special) for t in texts]  # kept simple: the Rust side is fast anyway
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     # -- chat ----------------------------------------------------------------------------------
 

@@ -16,14 +16,13 @@ The dequantised model is exactly the quantised one in fp32: no accuracy is recov
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from minilab.chat import ChatTokenizer
-from minilab.llama import LlamaConfig, hub_key_map, model_from_tensors
+from minilab.llama import LlamaConfig, model_from_tensors, save_llama
 
 # llama.cpp tensor name -> Hub tensor name; per-block names take the layer index.
 GGUF_TO_HUB = {
@@ -149,24 +148,10 @@ def load_gguf(path: str | Path, dtype=torch.float32):
 
 
 def save_gguf_as_safetensors(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a Hub-layout folder (config.json, model.safetensors, tokenizer files) from a GGUF.
+    """Write a Hub-layout folder (config.json, model.safetensors, tokenizer.json, ...) from a GGUF.
 
-    transformers-based tools (TRL, PEFT) then load the dequantised model with plain
-    `from_pretrained(out_dir)`, and compare against minilab on the very same weights.
+    transformers-based tools (TRL, PEFT) then load the dequantised fp32 model with a plain
+    `from_pretrained(out_dir)`, so they and minilab run on the very same weights.
     """
-    from safetensors.torch import save_file
-
-    config, tensors, tokenizer = read_gguf(gguf_path)
-    keys = hub_key_map(config)
-    tensors = {k: tensors[k].contiguous() for k in keys}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = config.to_hub_dict()
-    cfg["torch_dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": list(tokenizer.eot_ids),
-           "pad_token_id": tokenizer.pad_id}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    tokenizer.save(out)
-    return out
+    model, tokenizer = load_gguf(gguf_path)
+    return save_llama(model, tokenizer, out_dir)

@@ -303,17 +303,19 @@ def build_attention_mask(attention_mask: torch.Tensor | None, B: int, T: int, pa
     that nobody reads, but it is finite. Current PyTorch returns zeros for an all-False row, but
     releases before 2.5 return NaN, which would leak through `loss * mask` into gradients.
     """
+    S = past + T
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = {(B, S)}"
+        )
+    if attention_mask is not None and past == 0 and bool(attention_mask.all()):
+        attention_mask = None  # no padding: let SDPA use its fused causal kernel
     if attention_mask is None and (past == 0 or T == 1):
         return None
-    S = past + T
     q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
     allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
-        if attention_mask.shape != (B, S):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = {(B, S)}"
-            )
         allowed = allowed & attention_mask.bool()[:, None, None, :]
         allowed = allowed | (k_pos == q_pos)[None, None]
     return allowed.expand(B, 1, T, S)
@@ -476,13 +478,33 @@ def load_llama(name_or_path: str, dtype=torch.float32):
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"GGUF file {path} does not exist")
-        from minilab.gguf_weights import read_gguf
+        from minilab.gguf_weights import load_gguf
 
-        config, tensors, tokenizer = read_gguf(path)
-        return model_from_tensors(config, tensors, dtype, source=str(path)), tokenizer
+        return load_gguf(path, dtype)
     from minilab.hub import resolve_model_dir
 
     folder = resolve_model_dir(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.jinja"])
     config = LlamaConfig.from_pretrained(folder)
     model = model_from_tensors(config, read_safetensors_folder(folder), dtype, source=str(folder))
     return model, ChatTokenizer.from_folder(folder)
+
+
+def save_llama(model: LlamaForCausalLM, tokenizer, folder: str | Path) -> Path:
+    """Write a Hub-layout folder (config.json, model.safetensors, tokenizer files) that both
+    `load_llama` and transformers' `from_pretrained` read. Merge LoRA adapters first: the file
+    holds exactly the tensors of `hub_key_map`, under their Hub names."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tensors = {hub: model.get_parameter(ours).detach().contiguous().cpu() for hub, ours in hub_key_map(config).items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_hub_dict()
+    cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.eot_ids), "pad_token_id": tokenizer.pad_id}
+        (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        tokenizer.save(folder)
+    return folder

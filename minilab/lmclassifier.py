@@ -41,24 +41,48 @@ class PromptFormat:
         options = ", ".join(label_names[:-1]) + " or " + label_names[-1]
         return cls(question=f"Which of these labels fits the text: {options}?", answers=list(label_names), **kw)
 
-    def message(self, text: str) -> list[dict]:
-        options = " or ".join(self.answers) if len(self.answers) == 2 else ", ".join(self.answers)
-        return [{"role": "user",
-                 "content": f"{self.question}\n\nText: {text}\n\nAnswer with one word: {options}."}]
+    def options(self) -> str:
+        return " or ".join(self.answers) if len(self.answers) == 2 else ", ".join(self.answers)
+
+    def messages(self, text: str) -> list[dict]:
+        """The instruction goes in the system turn and the text alone in the user turn, so that every
+        prompt starts with the same tokens: that shared prefix is run once, not once per text."""
+        return [{"role": "system", "content": f"{self.question} Answer with one word: {self.options()}."},
+                {"role": "user", "content": text}]
 
 
-def truncate_text(tokenizer, text: str, max_tokens: int, side: str) -> str:
-    """Cut a text to `max_tokens` tokens from the stated side (so that every prompt fits)."""
+MARKER = "\x00TEXT\x00"
+
+
+def split_template(tokenizer, fmt: PromptFormat) -> tuple[list[int], str]:
+    """(ids of the prefix every prompt shares, the template text that follows each text)."""
+    rendered = tokenizer.apply_chat(fmt.messages(MARKER), add_generation_prompt=True)
+    head, tail = rendered.split(MARKER)
+    return tokenizer.encode(head), tail
+
+
+def truncate_text(tokenizer, text: str, max_tokens: int, side: str) -> list[int]:
+    """The text's ids, cut to `max_tokens` from the stated side (so that every prompt fits)."""
     ids = tokenizer.encode(text)
     if len(ids) <= max_tokens:
-        return text
-    kept = ids[:max_tokens] if side == "right" else ids[-max_tokens:]
-    return ("" if side == "right" else "... ") + tokenizer.decode(kept) + (" ..." if side == "right" else "")
+        return ids
+    return ids[:max_tokens] if side == "right" else ids[-max_tokens:]
 
 
-def prompt_ids(tokenizer, fmt: PromptFormat, text: str) -> list[int]:
-    text = truncate_text(tokenizer, text, fmt.max_text_tokens, fmt.truncate_side)
-    return tokenizer.chat_ids(fmt.message(text), add_generation_prompt=True)
+class PromptBuilder:
+    """Token ids of classification prompts: one shared prefix + (text, end of the template) per example."""
+
+    def __init__(self, tokenizer, fmt: PromptFormat):
+        self.tokenizer, self.fmt = tokenizer, fmt
+        self.prefix, tail = split_template(tokenizer, fmt)
+        self.tail = tokenizer.encode(tail)
+
+    def example(self, text: str) -> list[int]:
+        return truncate_text(self.tokenizer, text, self.fmt.max_text_tokens, self.fmt.truncate_side) + self.tail
+
+    def full(self, text: str) -> list[int]:
+        """The whole prompt (prefix included), e.g. for streaming generation."""
+        return self.prefix + self.example(text)
 
 
 def answer_token_ids(tokenizer, fmt: PromptFormat) -> list[list[int]]:
@@ -96,9 +120,9 @@ def map_answer(text: str, answers: list[str]) -> int:
 
 
 @torch.no_grad()
-def classify(model, tokenizer, prompts: list[list[int]], answers: list[list[int]], device, amp_ctx,
-             batch_size: int = 16, gen_tokens: int = 0) -> tuple[list[int], list[list[float]], list[str]]:
-    """Label scores for every prompt, and (if gen_tokens) its greedy answer, in one prefill.
+def classify(model, tokenizer, prefix: list[int], prompts: list[list[int]], answers: list[list[int]], device, amp_ctx,
+             batch_size: int = 32, gen_tokens: int = 0) -> tuple[list[int], list[list[float]], list[str]]:
+    """Label scores for every prompt, and (if gen_tokens) its greedy answer.
 
     Returns (predicted label, per-label log-likelihoods, generated text) per prompt.
     """
@@ -107,31 +131,39 @@ def classify(model, tokenizer, prompts: list[list[int]], answers: list[list[int]
     preds, scores, texts = [0] * len(prompts), [None] * len(prompts), [""] * len(prompts)
     pad = tokenizer.pad_id
     ans_ids, ans_mask = right_pad(answers, pad)
+    prefix_ids = torch.tensor([prefix], device=device)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         p_ids, p_mask = (t.to(device) for t in left_pad([prompts[i] for i in idx], pad))
         B = len(idx)
         with amp_ctx:
-            logps = answer_logps(model, p_ids, p_mask, ans_ids.repeat(B, 1).to(device), ans_mask.repeat(B, 1).to(device))
+            logps = answer_logps(model, p_ids, p_mask, ans_ids.repeat(B, 1).to(device), ans_mask.repeat(B, 1).to(device),
+                                 prefix_ids=prefix_ids)
         logps = logps.view(B, K).float().cpu()
         for j, i in enumerate(idx):
             scores[i] = logps[j].tolist()
             preds[i] = int(logps[j].argmax())
         if gen_tokens:
             with amp_ctx:
-                gen = greedy_batch(model, p_ids, p_mask, gen_tokens, tokenizer.eot_ids)
+                gen = greedy_batch(model, prefix_ids, p_ids, p_mask, gen_tokens, tokenizer.eot_ids)
             for j, i in enumerate(idx):
                 texts[i] = tokenizer.decode(gen[j], skip_special=True)
     return preds, scores, texts
 
 
 @torch.no_grad()
-def greedy_batch(model, p_ids: torch.Tensor, p_mask: torch.Tensor, max_new: int, stop_ids) -> list[list[int]]:
-    """Greedy decoding for a left-padded batch with a KV cache; each row cut at its first stop id."""
+def greedy_batch(model, prefix_ids: torch.Tensor, p_ids: torch.Tensor, p_mask: torch.Tensor, max_new: int,
+                 stop_ids) -> list[list[int]]:
+    """Greedy decoding for a left-padded batch after a shared (1, P) prefix, with a KV cache;
+    each row is cut at its first stop id."""
+    B, P = p_ids.shape[0], prefix_ids.shape[1]
     cache = model.new_cache()
-    pos = (p_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(p_ids, attention_mask=p_mask, position_ids=pos, cache=cache)[:, -1]  # (B, V)
-    mask, next_pos = p_mask, pos[:, -1:] + 1
+    model.hidden_states(prefix_ids, position_ids=torch.arange(P, device=p_ids.device)[None], cache=cache)
+    cache = cache.repeat_interleave(B)
+    mask = torch.cat([p_mask.new_ones(B, P), p_mask], dim=1)
+    pos = P + (p_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(p_ids, attention_mask=mask, position_ids=pos, cache=cache)[:, -1]  # (B, V)
+    next_pos = pos[:, -1:] + 1
     out = []
     for _ in range(max_new):
         tok = logits.float().argmax(-1, keepdim=True)  # (B, 1)

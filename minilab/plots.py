@@ -67,7 +67,7 @@ def training_curves(runs: list[tuple[str, str, list[dict], tuple[float, str] | N
             ax2.set_ylim(max(0, lo - 10), min(100, hi + 10))
             h2 = ax2.get_legend_handles_labels()
             handles = (handles[0] + h2[0], handles[1] + h2[1])
-        ax.legend(*handles, loc="best", fontsize=9)
+        ax.legend(*handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=9, frameon=False)
     fig.suptitle("Training loss and dev accuracy against step", fontsize=13)
     fig.tight_layout()
     return _save(fig, path)
@@ -93,13 +93,13 @@ def dpo_rewards(records: list[dict], path: str | Path, title: str = "DPO implici
         ax2.plot(steps, [100 * a for a in accs], color="tab:gray", ls=":", lw=1.2, label="pairs ranked right")
         ax2.set_ylabel("pairs with chosen > rejected (%)", color="tab:gray")
         ax2.set_ylim(0, 105)
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=9)
-    else:
-        ax.legend(loc="best", fontsize=9)
+    handles, labels = [], []
+    for a in fig.axes:
+        h, l = a.get_legend_handles_labels()
+        handles, labels = handles + h, labels + l
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9, frameon=False)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("implicit reward (beta x log-ratio, nats)")
+    ax.set_ylabel("implicit reward (β × log-ratio, nats)")
     ax.grid(alpha=0.3)
     ax.set_title(title)
     fig.tight_layout()

@@ -176,7 +176,8 @@ def _versus_chance(block: dict, chance: float | None) -> str:
 def comment(run: Run, base: Run | None, chance: float | None) -> str:
     """The lab's one-line verdict on a row."""
     if run.is_baseline:
-        return "the baseline (reference)"
+        predictor = (run.data.get("zero_shot") or {}).get("predictor")
+        return "the baseline (reference)" + (f"; its zero-shot is the {predictor}" if predictor else "")
     parts = []
     zero, tuned = run.data.get("zero_shot"), run.data["fine_tuned"]
     words = {"at": "at chance level", "near": "not clearly above chance", "above": "above chance"}
@@ -309,7 +310,7 @@ def draw_pictures(task: str, runs: list[Run], out_dir: Path) -> tuple[dict[str, 
     dpo = next((r for r in runs if any("rewards/chosen" in x for x in r.log)), None)
     if dpo:
         beta = (dpo.data.get("training") or {}).get("beta")
-        title = f"DPO implicit rewards ({dpo.name}" + (f", beta {beta})" if beta is not None else ")")
+        title = f"DPO implicit rewards ({dpo.name}" + (f", β = {beta})" if beta is not None else ")")
         attempt("dpo_rewards.png", lambda p: plots.dpo_rewards(dpo.log, p, title=title))
     else:
         notes.append(f"`dpo_rewards.png` skipped: no DPO run with reward metrics yet (`make llama TASK={task}` writes one)")
@@ -374,7 +375,7 @@ def examples_section(runs: list[Run], task: str, n: int) -> list[str]:
     else:
         out += [f"*No answers before/after training yet: `make llama TASK={task}` writes them.*", ""]
     for r in runs:
-        wrong = r.data.get("wrong_examples")
+        wrong = r.data.get("wrong_examples", r.data.get("test_texts_wrong"))
         if wrong is None:
             continue
         out += [f"### Texts {r.name} got wrong", ""]

@@ -23,6 +23,7 @@ from minilab.bert import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    Dropout,
     load_bert_classifier,
     load_bert_tokenizer,
     load_bert_weights,
@@ -114,6 +115,10 @@ def test_tiny_classifier_matches_transformers(tiny_clf):
         # no mask and no token types: the unpacked path and the implicit type-0 embedding
         ref = hf(input_ids=ids).logits
         torch.testing.assert_close(ours(ids), ref, atol=1e-5, rtol=0)
+        # left padding: position 0 is padding, yet the pooler reads it, so it must still be computed
+        left = mask.flip(1)
+        ref = hf(input_ids=ids, attention_mask=left, token_type_ids=tt).logits
+        torch.testing.assert_close(ours(ids, left, tt), ref, atol=1e-5, rtol=0)
 
 
 def test_tiny_gradients_match_transformers(tiny_clf):
@@ -175,6 +180,20 @@ def test_bare_bert_model_checkpoint(tmp_path):
     assert a.classifier.bias.abs().max() == 0
     assert 0.01 < a.classifier.weight.std() < 0.03
     torch.testing.assert_close(a.bert.pooler.weight, hf.pooler.dense.weight)
+
+
+def test_dropout_keeps_one_minus_p_and_scales():
+    """Our faster dropout: elements kept with probability 1 - p, scaled by 1/(1 - p), same mask backward."""
+    drop = Dropout(0.1).train()
+    x = torch.full((200_000,), 2.0, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    # the kept fraction of 200k Bernoulli(0.9) draws has std 0.00067: allow 5 sigma
+    assert abs(kept.float().mean().item() - 0.9) < 0.0034
+    assert torch.allclose(y[kept], torch.tensor(2.0 / 0.9))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)  # the forward's mask, scaled
+    assert drop.eval()(x) is x
 
 
 # ----------------------------------------------------------------------------- real MiniLM
@@ -278,6 +297,13 @@ def _broken_copy(tiny_clf, tmp_path, edit) -> Path:
 def test_missing_tensor_is_named(tiny_clf, tmp_path):
     folder = _broken_copy(tiny_clf, tmp_path, lambda t: t.pop("bert.encoder.layer.1.attention.self.key.weight"))
     with pytest.raises(ValueError, match=r"missing tensors: bert\.encoder\.layer\.1\.attention\.self\.key\.weight$"):
+        load_bert_classifier(str(folder), num_labels=3)
+
+
+def test_half_a_classifier_head_is_an_error(tiny_clf, tmp_path):
+    """A missing head is re-initialised, but a head with weight and no bias is a broken file."""
+    folder = _broken_copy(tiny_clf, tmp_path, lambda t: t.pop("classifier.bias"))
+    with pytest.raises(ValueError, match=r"missing tensors: classifier\.bias$"):
         load_bert_classifier(str(folder), num_labels=3)
 
 

@@ -151,6 +151,22 @@ def test_shared_prompt_equals_separate_scoring(prompt_lens, answer_lens):
     torch.testing.assert_close(mean, shared / torch.tensor(answer_lens, dtype=torch.float32), rtol=0, atol=1e-5)
 
 
+def test_shared_prefix_equals_prepending_it_to_every_prompt():
+    """A (1, P) instruction prefix run once and shared must score like prefix + prompt per row."""
+    model = _tiny_llama()
+    b = _batch([5, 2, 7], [1, 4, 3, 3, 2, 1])
+    prefix = torch.randint(1, V, (1, 6), generator=torch.Generator().manual_seed(5))
+    B = b["prompt_ids"].shape[0]
+    joined_ids = torch.cat([prefix.expand(B, -1), b["prompt_ids"]], dim=1)
+    joined_mask = torch.cat([torch.ones(B, 6, dtype=torch.long), b["prompt_mask"]], dim=1)
+    with torch.no_grad():
+        shared = answer_logps(model, *_args(b), prefix_ids=prefix)
+        separate = answer_logps_separate(model, joined_ids, joined_mask, b["answer_ids"], b["answer_mask"])
+        without = answer_logps(model, *_args(b))
+    torch.testing.assert_close(shared, separate, rtol=0, atol=1e-4)
+    assert (shared - without).abs().max() > 1e-3  # the prefix really conditions the answers
+
+
 def test_shared_prompt_gradients_match_separate():
     """Gradients must flow through the shared prompt cache into the LoRA weights, as in the plain path."""
     model = apply_lora(_tiny_llama(), r=4, alpha=8, dropout=0.0, include_mlp=True)

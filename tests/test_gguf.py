@@ -13,7 +13,7 @@ import torch
 from minilab.generate import generate_ids, stream_generate
 from minilab.gguf_weights import read_gguf, save_gguf_as_safetensors, unpermute_qk
 from minilab.hub import HubError, package_dir
-from minilab.llama import load_llama
+from minilab.llama import load_llama, save_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,10 +141,10 @@ def test_greedy_chat_generation_matches_transformers(ours, hf_model):
     assert "Paris" in text
 
 
-def test_export_to_safetensors_folder(ours, gguf_path, sentences, tmp_path):
+def test_export_to_hub_folder(ours, sentences, tmp_path):
     """The exported Hub folder loads in minilab (same weights) and in transformers (same logits, ids)."""
     model, tok = ours
-    folder = save_gguf_as_safetensors(gguf_path, tmp_path / "smollm2")
+    folder = save_llama(model, tok, tmp_path / "smollm2")
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
     again, tok2 = load_llama(str(folder))
     for name, p in model.state_dict().items():
@@ -160,6 +160,16 @@ def test_export_to_safetensors_folder(ours, gguf_path, sentences, tmp_path):
     assert list(hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)) == \
         tok2.chat_ids(chat)
     assert tok2.eot_ids == tok.eot_ids and tok2.pad_id == tok.pad_id
+
+
+@pytest.mark.slow
+def test_save_gguf_as_safetensors(ours, gguf_path, tmp_path):
+    """The one-call export (re-reads the GGUF, hence slow) writes the same weights."""
+    folder = save_gguf_as_safetensors(gguf_path, tmp_path / "smollm2")
+    again, tok = load_llama(str(folder))
+    for name, p in ours[0].state_dict().items():
+        assert torch.equal(again.state_dict()[name], p), name
+    assert json.loads((folder / "config.json").read_text())["num_key_value_heads"] == 3
 
 
 def test_not_a_llama_gguf_is_refused(tmp_path):

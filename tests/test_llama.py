@@ -295,3 +295,9 @@ def test_llama3_chat_format_matches_template(tmp_path):
     # add_special on text that already starts with BOS does not double it
     text = ours.apply_chat(chats[0])
     assert ours.encode(text, add_special=True).count(ours.bos_id) == 1
+
+
+def test_wrong_attention_mask_shape_is_explained(tmp_path):
+    ours, _ = load_llama(str(save(hf_model(), tmp_path / "ckpt")))
+    with pytest.raises(ValueError, match=r"expected \(batch, past \+ new\) = \(2, 5\)"):
+        ours(ids(2, 5), attention_mask=torch.ones(2, 4, dtype=torch.long))

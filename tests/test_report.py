@@ -120,9 +120,12 @@ def tiny_dpo_run(data_dir: Path, out: Path, name: str = "dpo", beta: float = 0.5
 
     before = predict(reference, "test")
     zero_shot = evaluate_predictions(data.test.labels, before, data.num_labels)
-    cfg = TrainConfig(epochs=8, batch_size=4, lr=0.5, warmup_ratio=0.0, eval_every=15, log_every=3, progress=False)
-    n = len(data.train)
-    batches = lambda epoch: [list(range(i, min(n, i + cfg.batch_size))) for i in range(0, n, cfg.batch_size)]  # noqa: E731
+    cfg = TrainConfig(epochs=5, batch_size=4, lr=0.05, warmup_ratio=0.1, eval_every=15, log_every=3, progress=False)
+
+    def batches(epoch):  # a fresh shuffle each epoch
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(epoch)).tolist()
+        return [order[i: i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+
     folder = out / TASK
     tracker = Tracker(folder / f"{name}_metrics.jsonl", run_name=f"{name}-{TASK}", config={"beta": beta})
     result = train(policy, batches, loss_fn, cfg, torch.device("cpu"), evaluate=evaluate, tracker=tracker)
@@ -162,7 +165,7 @@ def lab(tmp_path_factory, shared_data) -> Path:
             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     procs.append(("train_bert.py", subprocess.Popen(
         [sys.executable, "train_bert.py", "--task", TASK, "--model", str(model), "--data", str(data), "--epochs", "1",
-         "--batch-size", "2", "--eval-every", "10", "--max-length", "48", "--precision", "fp32",
+         "--batch-size", "2", "--eval-every", "10", "--max-length", "32", "--precision", "fp32",
          "--out", str(out), "--save-dir", str(root / "runs" / "bert"), "--no-progress"],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     tiny_dpo_run(data, out)  # runs while the subprocesses do
