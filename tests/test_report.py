@@ -38,7 +38,8 @@ TASK = "steam"
 ROWS = {"train": 60, "dev": 20, "test": 20}
 # The arguments for a tiny run of train_dpo.py (after the data/output arguments), to be set once
 # it exists; until then the LLaMA row comes only from the tiny DPO run below.
-DPO_ARGS: list[str] | None = None
+DPO_ARGS: list[str] | None = ["--max-pairs", "16", "--batch-size", "4", "--test-limit", "8", "--eval-limit", "8",
+                               "--eval-every", "2", "--max-new-tokens", "3", "--lr", "1e-3", "--no-progress"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
@@ -173,7 +174,11 @@ def lab(tmp_path_factory, shared_data) -> Path:
         stdout, stderr = p.communicate(timeout=300)
         _check(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), what)
     if (REPO / "train_dpo.py").is_file() and DPO_ARGS is not None:
-        _check(_run(["train_dpo.py", "--task", TASK, "--data", str(data), "--out", str(out), *DPO_ARGS]), "train_dpo.py")
+        from tiny import make_tiny_llama
+
+        llama = make_tiny_llama(root / "tinyllama")
+        _check(_run(["train_dpo.py", "--task", TASK, "--data", str(data), "--out", str(out), "--model", str(llama),
+                     "--save-dir", str(root / "runs" / "llama"), *DPO_ARGS]), "train_dpo.py")
     return out
 
 
@@ -251,7 +256,7 @@ def test_report_table_pictures_and_examples(lab, tmp_path):
 def test_missing_dpo_run_is_a_note_not_an_error(lab, tmp_path):
     results = _copy(lab, tmp_path)
     folder = results / TASK
-    for p in folder.glob("dpo*"):
+    for p in [*folder.glob("dpo*"), *folder.glob("llama*")]:
         p.unlink()
     proc = _run(["-m", "minilab.report", "--task", TASK, "--results", str(results)])
     _check(proc, "the report without a DPO run")

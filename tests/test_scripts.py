@@ -76,3 +76,31 @@ def test_train_bert_bad_column_is_one_line(tmp_path, tiny_steam, tiny_bert):
 def test_train_bert_wrong_checkpoint(tmp_path, tiny_steam):
     res = run(["train_bert.py", "--data", str(tiny_steam), "--model", str(tmp_path / "missing-model"), "--out", str(tmp_path)])
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_train_dpo_end_to_end(tmp_path, tiny_steam, tiny_llama):
+    res = run(["train_dpo.py", "--data", str(tiny_steam), "--model", str(tiny_llama), "--max-pairs", "16",
+               "--batch-size", "4", "--epochs", "1", "--test-limit", "8", "--eval-limit", "8", "--eval-every", "2",
+               "--max-new-tokens", "3", "--lr", "1e-3", "--out", str(tmp_path), "--save-dir", str(tmp_path / "adapter"),
+               "--no-progress"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for step in range(1, 11):
+        assert f"[{step}/10]" in res.stdout
+    r = json.loads((tmp_path / "steam" / "llama.json").read_text())
+    assert set(REQUIRED) <= set(r)
+    assert r["training"]["steps"] == 4 and r["training"]["pairs"] == 16 and r["fine_tuned"]["n"] == 8
+    assert len(r["examples"]) == 3 and {"before", "after", "true"} <= set(r["examples"][0])
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(tiny_llama)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "steam" / "llama_metrics.jsonl").read_text().splitlines()]
+    train = [x for x in log if x["kind"] == "train"]
+    assert train and "rewards/margins" in train[0] and "logps/chosen" in train[0]
