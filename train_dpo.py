@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-limit", type=int, default=None, help="dev examples scored at each evaluation")
     p.add_argument("--test-limit", type=int, default=None, help="test examples evaluated (default: all)")
     p.add_argument("--stream-examples", type=int, default=3, help="test texts whose answers are streamed before/after")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated per answer (streamed and free-generation accuracy)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="results")
     p.add_argument("--save-dir", default=None, help="where the adapter goes (default: runs/<task>/llama-adapter)")
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
 
     def evaluate_test(model) -> tuple[dict, dict, list[int], list[str]]:
         model.eval()
-        preds, _, texts = classify(model, tokenizer, prefix, test_prompts, answers, device, amp(), gen_tokens=4)
+        preds, _, texts = classify(model, tokenizer, prefix, test_prompts, answers, device, amp(), gen_tokens=args.max_new_tokens)
         scored = evaluate_predictions(test_labels, preds, data.num_labels)
         gen_preds = [map_answer(t, fmt.answers) for t in texts]
         generated = evaluate_predictions(test_labels, [p if p >= 0 else (y + 1) % data.num_labels for p, y in zip(gen_preds, test_labels)], data.num_labels)

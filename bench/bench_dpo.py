@@ -462,7 +462,7 @@ def main(argv=None) -> int:
     for stack, r in results.items():
         seconds, ref_share, rate, steady = rates(r)
         rows.append([STACKS[stack], r["timed_pairs"], r["timed_steps"], seconds, ref_share, rate, steady,
-                     r["peak_rss_mb"], round(r["first_loss"], 4), f"{rate / base:.2f}x" if base else "-"])
+                     r["peak_rss_mb"], f"{r['first_loss']:.4f}", f"{rate / base:.2f}x" if base else "-"])
     table = markdown_table(headers, rows)
     threads = results[stacks[0]]["torch_threads"]
     print()

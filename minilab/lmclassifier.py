@@ -17,6 +17,7 @@ label's (every wrong label, or one sampled per example when there are many class
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import torch
@@ -113,10 +114,19 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 def map_answer(text: str, answers: list[str]) -> int:
-    """The label whose answer word the generated text starts with, or -1 (counted as wrong)."""
+    """The label a generated answer names, or -1 (counted as wrong).
+
+    An answer that starts with a label's word names it ("Positive."); so does a sentence in which
+    exactly one label's word appears ("The sentiment of this review is negative"). Anything else,
+    including a sentence naming two labels, is unparsed.
+    """
     t = text.strip().strip(".!\"'*:").lower()
     hits = [i for i, a in enumerate(answers) if t.startswith(a.lower())]
-    return max(hits, key=lambda i: len(answers[i])) if hits else -1
+    if hits:
+        return max(hits, key=lambda i: len(answers[i]))
+    words = set(re.findall(r"\w+", t))
+    named = [i for i, a in enumerate(answers) if a.lower() in words]
+    return named[0] if len(named) == 1 else -1
 
 
 @torch.no_grad()
