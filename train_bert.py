@@ -12,6 +12,7 @@ test, 8 save a Hub-format folder that transformers loads, 9 write the results fi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from minilab.bert import load_bert_classifier, save_bert_classifier
 from minilab.data import DataError, add_data_args, load_task_from_args
 from minilab.hub import HubError, package_dir
 from minilab.metrics import evaluate_predictions
+from minilab.plots import run_pictures
 from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
 from minilab.tracking import Tracker
 from minilab.train import (add_train_args, autocast, config_dict, length_grouped_batches, pick_device,
@@ -43,7 +45,8 @@ def parse_args(argv=None):
     add_data_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--model", default=None, help="a local checkpoint folder or Hub id (default: the preset's)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per text (longer texts are cut at the end)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (longer texts are cut in the middle)")
+    p.add_argument("--keep-tail", type=int, default=32, help="a cut text keeps this many of its last tokens")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default="results", help="where results/<task>/bert.json goes")
     p.add_argument("--save-dir", default=None, help="where the fine-tuned model folder goes (default: runs/<task>/bert)")
@@ -52,8 +55,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def encode_split(tokenizer, split, max_length):
-    ids = tokenizer.encode(split.texts, max_length=max_length)
+def encode_split(tokenizer, split, max_length, keep_tail):
+    """Token ids per text. A text longer than max_length keeps its beginning and its last
+    `keep_tail` tokens: a steam review's metadata (playtime, votes) sits at its end."""
+    ids = tokenizer.encode(split.texts, max_length=1 << 20)
+    ids = [x if len(x) <= max_length else x[: max_length - keep_tail] + x[len(x) - keep_tail:] for x in ids]
     return ids, [len(x) for x in ids]
 
 
@@ -94,9 +100,9 @@ def main(argv=None) -> int:
     print(f"[3/9] model: {model_id} ({n_params / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers)")
 
     # ---- 4. tokenise ---------------------------------------------------------------------
-    enc = {name: encode_split(tokenizer, getattr(data, name), max_length) for name in ("train", "dev", "test")}
+    enc = {name: encode_split(tokenizer, getattr(data, name), max_length, args.keep_tail) for name in ("train", "dev", "test")}
     cut = sum(n >= max_length for n in enc["train"][1])
-    print(f"[4/9] tokenised: max {max_length} tokens, {cut} train texts truncated, "
+    print(f"[4/9] tokenised: max {max_length} tokens, {cut} train texts cut (keeping their last {args.keep_tail}), "
           f"mean train length {sum(enc['train'][1]) / len(enc['train'][1]):.1f}")
 
     # ---- 5. zero-shot evaluation ---------------------------------------------------------
@@ -144,6 +150,12 @@ def main(argv=None) -> int:
              for i, (t, p) in enumerate(zip(data.test.labels, test_preds)) if t != p][:10]
     tracker.summary({"test/accuracy": fine_tuned["accuracy"], "test/macro_f1": fine_tuned["macro_f1"],
                      "zero_shot/accuracy": zero_shot["accuracy"]})
+    try:  # the run's own pictures go to its W&B run (and stay on disk beside its results)
+        pics = run_pictures(run_dir / "pictures", args.name, tracker.path, data.label_names,
+                            fine_tuned["confusion"], "cross-entropy", (math.log(data.num_labels), "uniform guess"))
+        tracker.log_images(pics)
+    except Exception as e:  # a picture must never cost a finished training run
+        print(f"note: pictures not drawn ({type(e).__name__}: {e})")
     tracker.finish()
     payload = {
         "task": data.task,

@@ -13,6 +13,7 @@ saved adapter into a fresh model, 10 streaming inference and final evaluation.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from minilab.llama import load_llama
 from minilab.lmclassifier import PromptBuilder, PromptFormat, answer_token_ids, classify, dpo_batches, dpo_pairs, map_answer
 from minilab.lora import apply_lora, count_parameters, load_adapter, save_adapter
 from minilab.metrics import evaluate_predictions
+from minilab.plots import run_pictures
 from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
 from minilab.tracking import Tracker
 from minilab.train import (add_train_args, autocast, config_dict, pick_device, precision_name, resolve_precision,
@@ -233,6 +235,12 @@ def main(argv=None) -> int:
 
     tracker.summary({"test/accuracy": fine_tuned["accuracy"], "test/macro_f1": fine_tuned["macro_f1"],
                      "zero_shot/accuracy": zero_shot["accuracy"], "test/generation_accuracy": fine_gen["accuracy"]})
+    try:  # the run's own pictures go to its W&B run (and stay on disk beside its results)
+        pics = run_pictures(run_dir / "pictures", args.name, tracker.path, data.label_names,
+                            fine_tuned["confusion"], "DPO loss", (math.log(2), "ln 2 (policy = reference)"))
+        tracker.log_images(pics)
+    except Exception as e:  # a picture must never cost a finished training run
+        print(f"note: pictures not drawn ({type(e).__name__}: {e})")
     tracker.finish()
     wrong = [{"text": data.test.texts[i], "true": data.label_names[y], "pred": data.label_names[p], "generated": texts[i]}
              for i, (y, p) in enumerate(zip(test_labels, preds)) if y != p][:10]

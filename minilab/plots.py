@@ -167,3 +167,20 @@ def confusion(cm: list[list[int]], label_names: list[str], path: str | Path, tit
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def run_pictures(out_dir: str | Path, name: str, metrics_log: str | Path, label_names: list[str],
+                 cm: list[list[int]], loss_name: str, start: tuple[float, str] | None) -> dict[str, Path]:
+    """The pictures of ONE training run (its curve, its confusion matrix, and for DPO its rewards),
+    drawn when the run ends so that its own W&B run carries them next to its curves."""
+    import json
+
+    records = [json.loads(line) for line in Path(metrics_log).read_text().splitlines() if line.strip()]
+    out_dir = Path(out_dir)
+    pics = {
+        f"{name}/training_curve": training_curves([(name, loss_name, records, start)], out_dir / f"{name}_training_curve.png"),
+        f"{name}/confusion": confusion(cm, label_names, out_dir / f"{name}_confusion.png", f"{name}: test confusion matrix"),
+    }
+    if any("rewards/chosen" in r for r in records):
+        pics[f"{name}/dpo_rewards"] = dpo_rewards(records, out_dir / f"{name}_dpo_rewards.png", f"{name}: DPO implicit rewards")
+    return pics

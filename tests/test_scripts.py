@@ -63,6 +63,8 @@ def test_train_bert_end_to_end(tmp_path, tiny_steam, tiny_bert):
     assert (tmp_path / "saved" / "model.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "steam" / "bert_metrics.jsonl").read_text().splitlines()]
     assert any(x["kind"] == "train" for x in log) and any(x["kind"] == "eval" for x in log)
+    for pic in ("bert_training_curve.png", "bert_confusion.png"):
+        assert (tmp_path / "steam" / "pictures" / pic).stat().st_size > 5000
 
 
 def test_train_bert_bad_column_is_one_line(tmp_path, tiny_steam, tiny_bert):
@@ -104,3 +106,4 @@ def test_train_dpo_end_to_end(tmp_path, tiny_steam, tiny_llama):
     log = [json.loads(line) for line in (tmp_path / "steam" / "llama_metrics.jsonl").read_text().splitlines()]
     train = [x for x in log if x["kind"] == "train"]
     assert train and "rewards/margins" in train[0] and "logps/chosen" in train[0]
+    assert (tmp_path / "steam" / "pictures" / "llama_dpo_rewards.png").stat().st_size > 5000
