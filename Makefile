@@ -44,25 +44,26 @@ STEP_DEPS = $(VENV)/.installed $(wildcard minilab/*.py) $(if $(wildcard $(DATA))
 lab: install
 	$(MAKE) --no-print-directory baseline bert llama report
 
+# $(call step,NAME,SCRIPT,ARGS): run SCRIPT unless results/<task>/NAME.json is newer than its inputs
+# (the script, the package, the data files); FORCE=1 always reruns.
+define step
+	@if [ -n "$(FORCE)" ] || [ ! -f $(RESULTS)/$(1).json ] || [ -n "$$(find $(2) $(STEP_DEPS) -newer $(RESULTS)/$(1).json 2>/dev/null | head -1)" ]; then \
+		echo "== $(1): $(BIN)/python $(2) --task $(TASK) $(DATA_ARG) $(3)"; \
+		$(BIN)/python $(2) --task $(TASK) $(DATA_ARG) $(3); \
+	else echo "== $(1): $(RESULTS)/$(1).json is up to date (FORCE=1 to rerun)"; fi
+endef
+
 baseline: install
-	@if [ -n "$(FORCE)" ] || [ ! -f $(RESULTS)/baseline.json ] || [ -n "$$(find baseline.py $(STEP_DEPS) -newer $(RESULTS)/baseline.json 2>/dev/null | head -1)" ]; then \
-		$(BIN)/python baseline.py --task $(TASK) $(DATA_ARG); \
-	else echo "baseline: $(RESULTS)/baseline.json is up to date (FORCE=1 to rerun)"; fi
+	$(call step,baseline,baseline.py,)
 
 bert: install
-	@if [ -n "$(FORCE)" ] || [ ! -f $(RESULTS)/bert.json ] || [ -n "$$(find train_bert.py $(STEP_DEPS) -newer $(RESULTS)/bert.json 2>/dev/null | head -1)" ]; then \
-		$(BIN)/python train_bert.py --task $(TASK) $(DATA_ARG) --preset $(PRESET); \
-	else echo "bert: $(RESULTS)/bert.json is up to date (FORCE=1 to rerun)"; fi
+	$(call step,bert,train_bert.py,--preset $(PRESET))
 
 llama: install
-	@if [ ! -f train_dpo.py ]; then echo "llama: train_dpo.py not present yet, skipped"; \
-	elif [ -n "$(FORCE)" ] || [ ! -f $(RESULTS)/llama.json ] || [ -n "$$(find train_dpo.py $(STEP_DEPS) -newer $(RESULTS)/llama.json 2>/dev/null | head -1)" ]; then \
-		$(BIN)/python train_dpo.py --task $(TASK) $(DATA_ARG) --preset $(PRESET); \
-	else echo "llama: $(RESULTS)/llama.json is up to date (FORCE=1 to rerun)"; fi
+	$(call step,llama,train_dpo.py,--preset $(PRESET))
 
 report: install
-	@if [ -f minilab/report.py ]; then $(BIN)/python -m minilab.report --task $(TASK); \
-	else $(BIN)/python -m minilab.compare --task $(TASK); fi
+	$(BIN)/python -m minilab.report --task $(TASK)
 
 test: install-dev
 	$(BIN)/python -m pytest

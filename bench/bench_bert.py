@@ -10,9 +10,10 @@ and norms), linear schedule and gradient clipping.
 
 * ours:   `minilab.bert.BertForSequenceClassification` trained by `minilab.train.train`
 * theirs: `transformers.AutoModelForSequenceClassification` (its default SDPA attention) trained by
-          a hand-written loop: autocast forward with labels, backward, clip, AdamW, scheduler. A
-          plain loop is the fastest way to drive a transformers model, so it is the fair rival
-          (the Trainer adds data-loader and callback overhead on top of the same kernels).
+          a hand-written loop: autocast forward with labels, backward, clip, fused AdamW (the
+          Trainer's default optimizer), scheduler. A plain loop is the fastest way to drive a
+          transformers model, so it is the fair rival (the Trainer adds data-loader and callback
+          overhead on top of the same kernels).
 
 The CPU may be shared, so the stacks run in alternating rounds in one process (ours-theirs,
 theirs-ours, ...) after untimed warm-up steps, and each stack's examples/s is its examples over
@@ -42,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from minilab.bert import load_bert_classifier  # noqa: E402
 from minilab.data import load_task  # noqa: E402
 from minilab.hub import package_dir  # noqa: E402
-from minilab.train import TrainConfig, length_grouped_batches, make_optimizer, train  # noqa: E402
+from minilab.train import TrainConfig, length_grouped_batches, train  # noqa: E402
 
 LR, WEIGHT_DECAY, WARMUP_RATIO, MAX_GRAD_NORM = 1e-4, 0.01, 0.06, 1.0  # train_bert.py's cpu preset
 
@@ -95,7 +96,8 @@ def theirs_round(model, batches, pad, labels) -> float:
         {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)], "weight_decay": WEIGHT_DECAY},
         {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=LR, foreach=True)
+    # fused: what transformers' Trainer uses by default (optim="adamw_torch_fused" with torch >= 2.8)
+    optimizer = torch.optim.AdamW(groups, lr=LR, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(WARMUP_RATIO * len(batches)), len(batches))
     model.train()
     losses = []

