@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import time
 from collections import Counter
 
 import torch
 
-from minilab.data import DataError, add_data_args, load_task_from_args
-from minilab.hub import HubError
+from minilab.cli import run_main
+from minilab.data import add_data_args, load_task_from_args
 from minilab.metrics import evaluate_predictions
 from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
 from minilab.tfidf import TfidfVectorizer, fit_logistic_regression
@@ -49,11 +48,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     # %% 1. Data: three splits of (text, label), checked once by the shared loader.
-    try:
-        data = load_task_from_args(args)
-    except (DataError, HubError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    data = load_task_from_args(args)
     K, names = data.num_labels, data.label_names
     print(f"task {data.task}: {data.sizes()}  labels {names}")
 
@@ -137,4 +132,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

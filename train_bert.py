@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from minilab.bert import load_bert_classifier, save_bert_classifier
-from minilab.data import DataError, add_data_args, load_task_from_args
-from minilab.hub import HubError, package_dir
+from minilab.cli import run_main
+from minilab.data import add_data_args, load_task_from_args
+from minilab.hub import package_dir
 from minilab.metrics import evaluate_predictions
 from minilab.plots import run_pictures
 from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
@@ -188,8 +188,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataError, HubError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
+import random
 import time
 from pathlib import Path
 
 import torch
 
-from minilab.data import DataError, add_data_args, load_task_from_args
+from minilab.cli import run_main
+from minilab.data import add_data_args, load_task_from_args
 from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
 from minilab.generate import stream_generate
-from minilab.hub import HubError, package_dir
+from minilab.hub import package_dir
 from minilab.llama import load_llama
 from minilab.lmclassifier import PromptBuilder, PromptFormat, answer_token_ids, classify, dpo_batches, dpo_pairs, map_answer
 from minilab.lora import apply_lora, count_parameters, load_adapter, save_adapter
@@ -180,7 +181,6 @@ def main(argv=None) -> int:
           f"log-probs of {len(pairs)} pairs computed once with the adapters off in {time.time() - t_ref:.0f}s")
 
     # ---- 7. train ------------------------------------------------------------------------
-    import random
 
     def make_batches(epoch):
         order = list(range(len(batches)))
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     print(f"[9/10] loaded {save_dir} into a fresh {Path(model_id).name}")
 
     # ---- 10. streaming inference and final evaluation ------------------------------------
-    print(f"[10/10] streaming inference after training:")
+    print("[10/10] streaming inference after training:")
     after = []
     for i in range(k):
         print(f"      text: {data.test.texts[i][:160]!r}  (true: {data.label_names[data.test.labels[i]]})")
@@ -275,8 +275,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataError, HubError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

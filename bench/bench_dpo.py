@@ -286,9 +286,14 @@ def run_trl(args, precompute: bool) -> dict:
         i, chosen, rejected = pairs[k]
         rows.append({"prompt": ours_tok.decode(prefix + prompts[i]), "chosen": fmt.answers[chosen], "rejected": fmt.answers[rejected]})
     dataset = Dataset.from_list(rows)
+    out_dir = tempfile.mkdtemp(prefix="bench_dpo_trl_")
+    import atexit
+    import shutil
+
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
 
     trl_args = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench_dpo_trl_"),
+        output_dir=out_dir,  # nothing is saved there (save_strategy="no"); removed when the worker exits
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
         max_steps=len(batches),

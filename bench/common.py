@@ -40,6 +40,55 @@ def current_rss_mb() -> float:
         return 0.0
 
 
+class PeakRss:
+    """Highest resident memory seen while the `with` block runs, sampled by a background thread.
+
+    torch allocates outside Python's allocator, so tracemalloc sees nothing; the process RSS
+    does. `growth_mb` is the peak minus the RSS at entry: what the block needed on top of what
+    was already resident (models, data). Sampling every 5 ms can miss a very short spike.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start_mb = self.peak_mb = 0.0
+
+    def __enter__(self):
+        import threading
+
+        self.start_mb = self.peak_mb = current_rss_mb()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(self.interval):
+                self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+    @property
+    def growth_mb(self) -> float:
+        return self.peak_mb - self.start_mb
+
+
+def load_warning(threads: int) -> str | None:
+    """A warning when other processes keep the CPU busy: timings are then noisy, multi-threaded ones badly."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load > 0.5 * cores:
+        return (f"warning: the 1-minute load average is {load:.1f} on {cores} cores: other work shares the CPU, "
+                f"so timings are noisy" + (" (with several threads, badly: try --threads 1)" if threads > 1 else ""))
+    return None
+
+
 class Stopwatch:
     """Total wall time and work counted over many rounds."""
 
@@ -48,8 +97,10 @@ class Stopwatch:
         self.steps = 0
         self.examples = 0
         self.rounds: list[float] = []  # examples/s of each round, to show the spread
+        self.peak_growth_mb = 0.0  # the most memory one round added on top of what was resident
 
-    def add(self, seconds: float, steps: int, examples: int) -> None:
+    def add(self, seconds: float, steps: int, examples: int, growth_mb: float = 0.0) -> None:
+        self.peak_growth_mb = max(self.peak_growth_mb, growth_mb)
         self.seconds += seconds
         self.steps += steps
         self.examples += examples

@@ -1,0 +1,21 @@
+"""What every script does at its edge: bad input becomes one line, not a stack trace."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+from .data import DataError
+from .hub import HubError
+
+
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """Run a script's main(). A data, Hub or checkpoint problem (DataError, HubError, ValueError,
+    OSError) prints `error: <what is wrong and how to fix it>` on stderr and exits with status 2;
+    results are written atomically at the very end, so nothing already written is lost."""
+    try:
+        code = main()
+    except (DataError, HubError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
