@@ -41,10 +41,10 @@ PRESETS = {
     # pairs (400 steps): on sst2 dev accuracy climbs from ~0.62 to ~0.88 within the first 100 steps, and
     # the reference pass over the pairs costs as much as a forward epoch, so more pairs buy little here.
     "cpu": dict(model=None, dtype="float32", epochs=1, batch_size=8, lr=3e-4, lora_rank=16, lora_alpha=32,
-                beta=0.1, eval_every=100, max_train_seconds=1080, precision="auto", warmup_ratio=0.05,
+                beta=0.1, rpo_alpha=0.5, eval_every=100, max_train_seconds=1080, precision="auto", warmup_ratio=0.05,
                 weight_decay=0.0, max_text_tokens=192, eval_limit=200, max_pairs=3200),
     "gpu": dict(model="meta-llama/Llama-3.2-1B-Instruct", dtype="bfloat16", epochs=1, batch_size=16, lr=1e-4,
-                lora_rank=16, lora_alpha=32, beta=0.1, eval_every=100, max_train_seconds=None, precision="bf16",
+                lora_rank=16, lora_alpha=32, beta=0.1, rpo_alpha=0.5, eval_every=100, max_train_seconds=None, precision="bf16",
                 warmup_ratio=0.05, weight_decay=0.0, max_text_tokens=384, eval_limit=500, max_pairs=None),
 }
 
@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=None, help="DPO beta: how far the policy may move from the reference")
     p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--rpo-alpha", type=float, default=None,
+                   help="weight of the chosen answer's NLL added to the DPO loss (0 = pure DPO)")
     p.add_argument("--all-wrong", action="store_true", help="one pair per wrong label (default for 2 classes; else one sampled)")
     p.add_argument("--max-text-tokens", type=int, default=None, help="texts are cut to this many tokens")
     p.add_argument("--truncate-side", choices=["right", "left"], default="right", help="which end of a long text is cut")
@@ -175,11 +177,13 @@ def main(argv=None) -> int:
 
     # ---- 6. configure DPO ----------------------------------------------------------------
     beta = pick(args, preset, "beta")
+    rpo_alpha = pick(args, preset, "rpo_alpha")
     t_ref = time.time()
     device_batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     with amp():
         refs = reference_logps(model, device_batches, prefix_ids=prefix_ids)
-    print(f"[6/10] DPO: loss {args.loss_type}, beta {beta}, label smoothing {args.label_smoothing}; reference "
+    print(f"[6/10] DPO: loss {args.loss_type}, beta {beta}, label smoothing {args.label_smoothing}, "
+          f"chosen-NLL weight (RPO) {rpo_alpha}; reference "
           f"log-probs of {len(pairs)} pairs computed once with the adapters off in {time.time() - t_ref:.0f}s")
 
     # ---- 7. train ------------------------------------------------------------------------
@@ -194,7 +198,9 @@ def main(argv=None) -> int:
         logps = answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"], prefix_ids=prefix_ids)
         pc, pr = split_pairs(logps)
         rc, rr = split_pairs(refs[bi])
-        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing)
+        chosen_lengths = b["answer_mask"][0::2].sum(1)  # rows alternate chosen, rejected
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                                 rpo_alpha=rpo_alpha, chosen_lengths=chosen_lengths)
         return loss, {k: v.item() for k, v in metrics.items()}
 
     def evaluate(model):
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
     run_dir = Path(args.out) / data.task
     details = {"model": model_id, "task": data.task, "preset": args.preset, "lora_rank": rank, "lora_alpha": alpha,
                "lora_targets": model.lora_config["target_modules"], "beta": beta, "loss_type": args.loss_type,
-               "pairs": len(pairs), **config_dict(cfg)}
+               "rpo_alpha": rpo_alpha, "pairs": len(pairs), **config_dict(cfg)}
     tracker = Tracker(run_dir / f"{args.name}_metrics.jsonl", run_name=f"llama-dpo-{data.task}", group=data.task, config=details)
     print(f"[7/10] train: {cfg.epochs} epoch(s) over {len(pairs)} pairs, batch {cfg.batch_size}, lr {cfg.lr}"
           + (f", time budget {cfg.max_train_seconds:.0f}s" if cfg.max_train_seconds else ""))
@@ -260,7 +266,7 @@ def main(argv=None) -> int:
         "command": command_line(),
         "training": {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
                      "epochs": cfg.epochs, "pairs": len(pairs), "lora_rank": rank, "lora_alpha": alpha,
-                     "lora_targets": details["lora_targets"], "beta": beta, "loss_type": args.loss_type,
+                     "lora_targets": details["lora_targets"], "beta": beta, "loss_type": args.loss_type, "rpo_alpha": rpo_alpha,
                      "trainable_params": trainable, "total_params": total, "best_step": result.best_step},
         "metrics_log": str(run_dir / f"{args.name}_metrics.jsonl"),
         "save_dir": str(save_dir),

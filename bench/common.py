@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -97,10 +96,8 @@ class Stopwatch:
         self.steps = 0
         self.examples = 0
         self.rounds: list[float] = []  # examples/s of each round, to show the spread
-        self.peak_growth_mb = 0.0  # the most memory one round added on top of what was resident
 
-    def add(self, seconds: float, steps: int, examples: int, growth_mb: float = 0.0) -> None:
-        self.peak_growth_mb = max(self.peak_growth_mb, growth_mb)
+    def add(self, seconds: float, steps: int, examples: int) -> None:
         self.seconds += seconds
         self.steps += steps
         self.examples += examples
@@ -109,12 +106,6 @@ class Stopwatch:
     @property
     def rate(self) -> float:
         return self.examples / max(self.seconds, 1e-9)
-
-
-def timed(fn, *args, **kwargs) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return time.perf_counter() - t0, out
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -225,8 +225,15 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    rpo_alpha: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DPO loss (mean over the batch) and its usual metrics; all inputs are (B,) logps.
+
+    rpo_alpha > 0 adds alpha times the chosen answers' negative log-likelihood per token
+    (-policy_chosen / chosen_lengths, averaged over the batch): "RPO" (Pang et al. 2024). DPO
+    alone only widens the gap between chosen and rejected, and often does so by pushing BOTH
+    down, until greedy generation says neither; the NLL term keeps the right answer likely.
 
     For IPO this uses whatever logps it is given. TRL divides them by the answer length first;
     to match it, score with `answer_logps(..., normalize=True)` for both policy and reference.
@@ -263,4 +270,11 @@ def dpo_loss(
         "logps/chosen": policy_chosen.detach().mean(),
         "logps/rejected": policy_rejected.detach().mean(),
     }
-    return losses.mean(), metrics
+    loss = losses.mean()
+    if rpo_alpha:
+        if chosen_lengths is None:
+            raise ValueError("rpo_alpha needs chosen_lengths (real tokens per chosen answer) for the per-token NLL")
+        nll = -(policy_chosen / chosen_lengths.to(policy_chosen.dtype)).mean()
+        metrics["nll/chosen"] = nll.detach()
+        loss = loss + rpo_alpha * nll
+    return loss, metrics

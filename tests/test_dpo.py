@@ -245,3 +245,14 @@ def test_a_few_dpo_steps_learn_the_preference():
     with disable_adapters(model), torch.no_grad():  # the reference itself never moved
         c, r = split_pairs(answer_logps(model, *_args(batches[0])))
     torch.testing.assert_close(c, ref_c, rtol=0, atol=1e-5)
+
+
+def test_rpo_adds_the_chosen_nll_per_token():
+    # chosen logps -2.0 over 2 tokens and -3.0 over 1 token: NLL per token 1.0 and 3.0, mean 2.0.
+    # With policy == reference the DPO part is ln 2, so the loss is ln 2 + 0.5 * 2.0 = 1.6931.
+    pc, pr = torch.tensor([-2.0, -3.0]), torch.tensor([-5.0, -4.0])
+    loss, m = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1, rpo_alpha=0.5, chosen_lengths=torch.tensor([2, 1]))
+    assert loss.item() == pytest.approx(math.log(2) + 1.0, abs=1e-6)
+    assert m["nll/chosen"].item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(pc, pr, pc, pr, rpo_alpha=0.5)
