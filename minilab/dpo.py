@@ -271,6 +271,7 @@ def dpo_loss(
         "logps/rejected": policy_rejected.detach().mean(),
     }
     loss = losses.mean()
+    metrics["loss/dpo"] = loss.detach()  # the preference part alone (ln 2 at the start)
     if rpo_alpha:
         if chosen_lengths is None:
             raise ValueError("rpo_alpha needs chosen_lengths (real tokens per chosen answer) for the per-token NLL")

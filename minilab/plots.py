@@ -46,6 +46,11 @@ def training_curves(runs: list[tuple[str, str, list[dict], tuple[float, str] | N
     fig, axes = plt.subplots(1, len(runs), figsize=(6.2 * len(runs), 4.2), squeeze=False)
     for ax, (title, loss_name, records, start) in zip(axes[0], runs):
         steps, loss = _series(records, "train", "loss")
+        d_steps, dpo_part = _series(records, "train", "loss/dpo")
+        if d_steps and any(abs(a - b) > 1e-6 for a, b in zip(loss, dpo_part)):
+            # DPO with a chosen-NLL (RPO) term: the preference part is what starts at ln 2
+            ax.plot(steps, loss, color=COLORS["loss"], alpha=0.45, lw=1, label="training loss (DPO + NLL term)")
+            steps, loss = d_steps, dpo_part
         ax.plot(steps, loss, color=COLORS["loss"], marker="o" if len(steps) < 30 else None, ms=3,
                 label=f"training {loss_name}")
         if start is not None:

@@ -253,6 +253,6 @@ def test_rpo_adds_the_chosen_nll_per_token():
     pc, pr = torch.tensor([-2.0, -3.0]), torch.tensor([-5.0, -4.0])
     loss, m = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1, rpo_alpha=0.5, chosen_lengths=torch.tensor([2, 1]))
     assert loss.item() == pytest.approx(math.log(2) + 1.0, abs=1e-6)
-    assert m["nll/chosen"].item() == pytest.approx(2.0)
+    assert m["nll/chosen"].item() == pytest.approx(2.0) and m["loss/dpo"].item() == pytest.approx(math.log(2))
     with pytest.raises(ValueError, match="chosen_lengths"):
         dpo_loss(pc, pr, pc, pr, rpo_alpha=0.5)
