@@ -184,11 +184,14 @@ class Packing:
             keep[:, 0] = True
             self.rows = keep.flatten().nonzero().squeeze(1)  # (N,)
             self.mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = may attend
+            # the same mask as an additive bias on attention scores, built once per batch, not per layer;
+            # the most negative float rather than -inf, so a sequence of only padding gives no NaN
+            self.bias = torch.zeros(self.mask.shape, device=device).masked_fill_(~self.mask, torch.finfo(torch.float32).min)
             self.positions = self.rows % T  # (N,) absolute position of each packed row
             # packed row of each sequence's position 0
             self.cls_rows = torch.searchsorted(self.rows, torch.arange(B, device=device) * T)  # (B,)
         else:
-            self.rows = self.mask = None
+            self.rows = self.mask = self.bias = None
             self.positions = torch.arange(T, device=device).repeat(B)  # (B*T,)
             self.cls_rows = torch.arange(B, device=device) * T
 
@@ -208,6 +211,60 @@ class Packing:
 # Modules
 
 
+class _LookupIntoGradBuffer(torch.autograd.Function):
+    """F.embedding whose backward adds the weight gradient into the module's kept buffer."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, module: "WordEmbedding") -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.module = module
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        ctx.module.add_grad(ids, grad)
+        return None, None, None  # the weight's gradient is already in weight.grad
+
+
+class WordEmbedding(nn.Embedding):
+    """nn.Embedding whose weight gradient lives in one buffer kept from step to step.
+
+    Why: the gradient of a 30522 x 384 word embedding is a dense 47 MB tensor, of which a batch
+    touches a few hundred rows. nn.Embedding allocates and zero-fills a new one in every backward
+    (and a block that large comes from the OS as fresh pages, which it zero-fills first): 10 to
+    18 ms of a 180 ms MiniLM step on one core. Here the first backward of a step zeroes only the
+    rows that the previous step touched and adds into the same buffer. The gradient is the same
+    numbers in the usual place, `weight.grad`, so clipping, accumulation and the optimizer see no
+    difference. (`torch.autograd.grad` cannot see it: train with `.backward()`.)
+    """
+
+    _buffer: torch.Tensor | None = None
+    _touched: list[torch.Tensor] = []
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.weight.requires_grad and torch.is_grad_enabled()):
+            return super().forward(ids)
+        return _LookupIntoGradBuffer.apply(ids, self.weight, self)
+
+    @torch.no_grad()
+    def add_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        w = self.weight
+        if w.grad is None:  # the first backward since zero_grad(set_to_none=True)
+            buf = self._buffer
+            if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device:
+                self._buffer = torch.zeros_like(w)
+            elif self._touched:
+                buf.index_fill_(0, torch.cat(self._touched), 0.0)
+            self._touched = []
+            w.grad = self._buffer
+        w.grad.index_add_(0, ids, grad.to(w.grad.dtype))
+        if w.grad is self._buffer:
+            self._touched.append(ids)
+        if self.padding_idx is not None:
+            w.grad[self.padding_idx] = 0.0  # as nn.Embedding: the [PAD] row learns nothing
+
+
 class BertEmbeddings(nn.Module):
     """word + token type + absolute position embeddings, then LayerNorm and dropout."""
 
@@ -215,7 +272,7 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         H = config.hidden_size
         # padding_idx: the [PAD] row gets no gradient, as in the reference model
-        self.word = nn.Embedding(config.vocab_size, H, padding_idx=config.pad_token_id)
+        self.word = WordEmbedding(config.vocab_size, H, padding_idx=config.pad_token_id)
         self.position = nn.Embedding(config.max_position_embeddings, H)
         self.token_type = nn.Embedding(config.type_vocab_size, H)
         self.norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
@@ -243,6 +300,7 @@ class BertSelfAttention(nn.Module):
         self.qkv = qkv
         self.proj = proj
         self.dropout_p = dropout
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, packing: Packing, cls_only: bool = False) -> torch.Tensor:
         B, T = packing.B, packing.T
@@ -251,12 +309,29 @@ class BertSelfAttention(nn.Module):
         q, k, v = qkv.view(B, T, 3, self.n_head, H // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hd)
         if cls_only:
             q = q[:, :, :1]  # only [CLS] asks; every real token still answers
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=packing.mask, dropout_p=self.dropout_p if self.training else 0.0
-        )  # (B, nh, Tq, hd)
+        if self.training:
+            y = self.attend(q, k, v, packing)  # (B, nh, Tq, hd)
+        else:  # inference: SDPA's fused kernel is the fastest forward
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.mask)  # (B, nh, Tq, hd)
         y = y.transpose(1, 2).flatten(2)  # (B, Tq, H)
         y = y[:, 0] if cls_only else packing.pack(y)  # (B, H) or (N, H)
         return self.proj(y)
+
+    def attend(self, q, k, v, packing: Packing) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim) + mask), dropped out, times v: attention written out for training.
+
+        Why not `F.scaled_dot_product_attention` here: on CPU, with dropout it has no fused kernel
+        and falls back to a generic path that copies q, k and v to fp32, scales both q and k and
+        rebuilds the mask in every layer; without dropout its fused kernel's backward is slower
+        still. Written out, the two matmuls run in autocast's dtype (bf16, as in transformers'
+        eager attention), softmax in fp32, and the mask is the bias `Packing` built once.
+        Measured on the sst2 benchmark (bench/bench_bert.py): forward+backward 10-15% faster.
+        """
+        att = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, nh, Tq, T)
+        if packing.bias is not None:
+            att = att + packing.bias  # fp32 bias: the sum, and so the softmax, is fp32
+        att = self.drop(att.float().softmax(-1))
+        return att @ v
 
 
 class BertLayer(nn.Module):

@@ -146,6 +146,43 @@ def test_tiny_gradients_match_transformers(tiny_clf):
     hf.zero_grad()
 
 
+def test_train_mode_gradients_match_transformers_with_dropout_off(tiny_clf):
+    """Training takes other paths than eval (written-out attention with a mask bias, the word
+    embedding's reused gradient buffer): with dropout at 0 its gradients must still equal the
+    reference's, over two accumulated backwards per step and three steps."""
+    import copy
+
+    hf_eval, folder = tiny_clf
+    hf = copy.deepcopy(hf_eval)
+    for m in hf.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    hf.config.attention_probs_dropout_prob = 0.0
+    ours, _ = load_bert_classifier(str(folder), num_labels=3)
+    for m in ours.modules():
+        if hasattr(m, "p") and isinstance(m.p, float):
+            m.p = 0.0
+    ours.train(), hf.train()
+    ids, mask, tt = tiny_batch()
+    y = torch.tensor([0, 2, 1])
+    for step in range(3):  # steps 0 and 1 drop the gradients (set_to_none), step 2 zeroes them in place
+        for model in (ours, hf):
+            model.zero_grad(set_to_none=step < 2)
+        for micro in range(2):  # accumulation: the second backward adds into the same gradient
+            batch_ids = ids if micro == 0 else ids.roll(1, dims=1).masked_fill(mask == 0, 0)
+            torch.nn.functional.cross_entropy(hf(input_ids=batch_ids, attention_mask=mask, token_type_ids=tt).logits, y).backward()
+            torch.nn.functional.cross_entropy(ours(batch_ids, mask, tt), y).backward()
+        pairs = [
+            (ours.bert.embeddings.word.weight.grad, hf.bert.embeddings.word_embeddings.weight.grad),
+            (ours.bert.layers[0].attn.qkv.weight.grad,
+             torch.cat([getattr(hf.bert.encoder.layer[0].attention.self, n).weight.grad for n in ("query", "key", "value")])),
+            (ours.classifier.weight.grad, hf.classifier.weight.grad),
+        ]
+        for got, want in pairs:
+            assert want.abs().max() > 0
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_legacy_gamma_beta_names(tiny_clf, tmp_path):
     hf, folder = tiny_clf
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
