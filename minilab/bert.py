@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from minilab.hub import resolve_model_dir
+from minilab.hub import check_tensor_names, resolve_model_dir
 
 # -----------------------------------------------------------------------------
 # Config
@@ -568,15 +568,7 @@ def load_bert_weights(model: BertModel | BertForSequenceClassification, folder: 
         missing.extend(shown(key_map[n]) for n in head_absent)
     unexpected = sorted(shown(k) for k in set(hub) - used
                         if is_clf or not k.startswith("classifier."))  # an encoder may drop the head
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-    if bad_shape:
-        problems.append(f"shape mismatches: {'; '.join(bad_shape)}")
-    if problems:
-        raise ValueError(f"checkpoint {folder} does not match its config.json: " + " | ".join(problems))
+    check_tensor_names(folder, missing, unexpected, bad_shape)
     with torch.no_grad():
         for name, t in state.items():
             ours[name].copy_(t)

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minilab.hub import check_tensor_names
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
@@ -405,11 +407,6 @@ def hub_key_map(config: LlamaConfig) -> dict[str, str]:
     return m
 
 
-def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def model_from_tensors(config: LlamaConfig, tensors: dict[str, torch.Tensor], dtype=torch.float32,
                        source: str = "checkpoint") -> LlamaForCausalLM:
     """Build a model from Hub-named tensors, checking names and shapes first.
@@ -428,18 +425,7 @@ def model_from_tensors(config: LlamaConfig, tensors: dict[str, torch.Tensor], dt
     unexpected = [k for k in tensors if k not in keys and k not in ignorable]
     wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(ours[v].shape)})"
              for k, v in keys.items() if k in tensors and tuple(tensors[k].shape) != tuple(ours[v].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_names(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatches: {_names(wrong)}")
-    if problems:
-        raise ValueError(
-            f"{source} does not match its config.json ({'; '.join(problems)}): "
-            "re-download the checkpoint or fix config.json"
-        )
+    check_tensor_names(source, missing, unexpected, wrong)
     for hub_name, our_name in keys.items():
         module_name, _, attr = our_name.rpartition(".")
         module = model.get_submodule(module_name)
