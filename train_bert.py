@@ -23,7 +23,7 @@ from minilab.bert import load_bert_classifier, save_bert_classifier
 from minilab.cli import run_main
 from minilab.data import add_data_args, load_task_from_args
 from minilab.hub import package_dir
-from minilab.metrics import evaluate_predictions
+from minilab.metrics import evaluate_predictions, one_label_warning
 from minilab.plots import run_pictures
 from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
 from minilab.tracking import Tracker
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
 
     # ---- 2. data -------------------------------------------------------------------------
     data = load_task_from_args(args)
+    cfg.metric = data.metric
     print(f"[2/9] data: task {data.task} from {data.source}: {data.sizes()}, labels {data.label_names}")
 
     # ---- 3. model ------------------------------------------------------------------------
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
     test_preds = predict(model, tokenizer, *enc["test"], device, amp_dtype)
     fine_tuned = evaluate_predictions(data.test.labels, test_preds, data.num_labels)
     print(f"[7/9] fine-tuned on test: accuracy {fmt_score(fine_tuned)}, macro-F1 {fine_tuned['macro_f1']:.3f}")
+    warning = one_label_warning(fine_tuned, data.label_names)
+    if warning:
+        print(f"WARNING: {warning}")
 
     # ---- 8. save -------------------------------------------------------------------------
     save_dir = Path(args.save_dir or Path("runs") / data.task / "bert")
@@ -168,6 +172,8 @@ def main(argv=None) -> int:
         "zero_shot": zero_shot,
         "fine_tuned": fine_tuned,
         "dev_best": result.best_metric,
+        "dev_metric": cfg.metric,
+        "warnings": [warning] if warning else [],
         "train_seconds": result.train_seconds,
         "wall_seconds": time.time() - t0,
         "examples_per_second": result.examples_per_second,

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tasks import DEFAULT_TASK, TaskSpec, get_task
+from .tasks import DEFAULT_TASK, TaskSpec, TaskSpecError, get_task, read_task_file, split_list
 
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".parquet")
 SPLIT_NAMES = {"train": ("train",), "dev": ("dev", "validation", "valid", "val"), "test": ("test",)}
@@ -45,12 +45,17 @@ class TaskData:
     train: Split
     dev: Split
     test: Split
-    spec: TaskSpec | None = None  # the registry entry, when the task is a known one
+    spec: TaskSpec  # the resolved task spec (registry, task file and flags; label names filled in)
     notes: list[str] = field(default_factory=list)  # things the user should know (e.g. a carved dev split)
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def metric(self) -> str:
+        """The dev metric that picks the best checkpoint: the spec's, else macro-F1 when train is imbalanced."""
+        return self.spec.metric or ("macro_f1" if is_imbalanced(self.train.labels, self.num_labels) else "accuracy")
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
@@ -60,12 +65,13 @@ class TaskData:
 # Finding the split files
 
 
-def default_data(task: str) -> str:
+def default_data(task: str | TaskSpec) -> str:
     """Where `--data` points when it is not given: $MINILAB_DATA/<task>, else the task's Hub id."""
+    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    task = task.name if isinstance(task, TaskSpec) else task
     root = os.environ.get("MINILAB_DATA")
     if root and (Path(root) / task).is_dir():
         return str(Path(root) / task)
-    spec = get_task(task)
     if spec and spec.hub_id:
         return spec.hub_id
     raise DataError(f"no data for task {task!r}: pass --data DIR (a folder with train/dev/test files) or set MINILAB_DATA")
@@ -130,10 +136,11 @@ def read_rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
-            with open(path, newline="", encoding="utf-8") as f:
+            # utf-8-sig: a byte-order mark (Excel writes one) would otherwise stick to the first column's name
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
         if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 return [json.loads(line) for line in f if line.strip()]
         if suffix == ".parquet":
             try:
@@ -147,15 +154,16 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def _as_label(value, path: Path, row: int):
-    """Labels may be ints, int-looking strings, or names."""
+    """A label is an integer (int, integral float, bool, or a string of digits) or a name (any other
+    non-empty string); anything else (empty, 0.5, a list) cannot be a class."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, (int, float)) and float(value).is_integer():
         return int(value)
     if isinstance(value, str) and value.strip():
         v = value.strip()
-        return int(v) if re.fullmatch(r"-?\d+", v) else v
-    raise DataError(f"{path}, row {row + 2}: empty or invalid label {value!r}")
+        return int(v) if re.fullmatch(r"[-+]?\d+", v) else v
+    raise DataError(f"{path}, row {row + 2}: label {value!r} is not a class (an integer or a name); fix or remove the row")
 
 
 def _read_split(paths: list[Path], text_col: str, label_col: str):
@@ -181,7 +189,72 @@ def _read_split(paths: list[Path], text_col: str, label_col: str):
 
 
 # --------------------------------------------------------------------------------------------
+# Labels: values -> ids 0..K-1, with names
+
+
+def is_imbalanced(labels: list[int], num_labels: int, ratio: float = 1.5) -> bool:
+    """True when the most common train label is at least `ratio` times as frequent as the rarest
+    one: accuracy then rewards answering the majority, so the best checkpoint is picked by macro-F1."""
+    counts = [labels.count(k) for k in range(num_labels)]
+    return min(counts) == 0 or max(counts) >= ratio * min(counts)
+
+
+def map_labels(values: list, names: tuple[str, ...] | None, label_text: dict, where: str) -> tuple[list[str], dict]:
+    """(label names, value -> id) for the train split's label values.
+
+    * Integer values: the distinct values, sorted, become ids 0..K-1, named by the given names in that
+      order, else by a `label_text` column, else by their own numbers (1/2 -> two classes "1" and "2").
+      With more names than values, values 0..K-1 index the names directly (a small train split may
+      lack a class; it is noted).
+    * String values: with names given, each value must be one of them; otherwise the distinct values, sorted.
+    * A mix of integers and strings, or fewer than two classes, is an error.
+    """
+    kinds = {type(v) for v in values}
+    if len(kinds) > 1:
+        ints = sorted({v for v in values if isinstance(v, int)})[:3]
+        strs = sorted({v for v in values if isinstance(v, str)})[:3]
+        raise DataError(f"{where}: labels mix numbers ({', '.join(map(str, ints))}, ...) and names ({', '.join(strs)}, ...): "
+                        "use one kind for every row")
+    distinct = sorted(set(values))
+    if len(distinct) < 2:
+        raise DataError(f"{where}: train has only one class ({', '.join(map(str, distinct))}); a classifier needs at least two: "
+                        "check --label-col and the file")
+    if kinds == {int}:
+        if names and len(names) != len(distinct) and all(0 <= v < len(names) for v in distinct):
+            return list(names), {i: i for i in range(len(names))}  # ids index the names; some classes absent here
+        if names and len(names) != len(distinct):
+            raise DataError(f"{where}: {len(names)} label names ({', '.join(names)}) for {len(distinct)} label values "
+                            f"({', '.join(map(str, distinct))}): give one name per value, in sorted order")
+        label_names = list(names) if names else [label_text.get(v, str(v)) for v in distinct]
+        return label_names, {v: i for i, v in enumerate(distinct)}
+    if names:
+        unknown = [v for v in distinct if v not in names]
+        if unknown:
+            raise DataError(f"{where}: label(s) {', '.join(unknown)} not among the label names ({', '.join(names)}): "
+                            "fix --label-names or the data")
+        return list(names), {n: i for i, n in enumerate(names)}
+    return list(distinct), {v: i for i, v in enumerate(distinct)}
+
+
+# --------------------------------------------------------------------------------------------
 # The public entry point
+
+
+def resolve_spec(task: str | None = None, data: str | None = None, task_file: str | None = None, **overrides) -> TaskSpec:
+    """The task spec a run uses: a task file, else the registry entry for `task`, else a bare spec named
+    after the data folder; then every non-None override (text_col, label_names, answers, question, metric)."""
+    try:
+        if task_file:
+            spec = read_task_file(task_file)
+            if task and task != spec.name:
+                spec = spec.with_overrides(name=task)
+        else:
+            if task is None:
+                task = Path(data).name if data and Path(data).expanduser().is_dir() else DEFAULT_TASK
+            spec = get_task(task) or TaskSpec(name=task)
+        return spec.with_overrides(**overrides)
+    except TaskSpecError as e:
+        raise DataError(str(e)) from e
 
 
 def load_task(
@@ -191,16 +264,16 @@ def load_task(
     label_col: str | None = None,
     seed: int = 0,
     dev_fraction: float = 0.1,
+    spec: TaskSpec | None = None,
 ) -> TaskData:
-    """Load a dataset: `data` is a folder or a Hub dataset id; `task` a registry name (default: the
-    folder's name, else "steam")."""
-    if task is None:
-        task = Path(data).name if data and Path(data).is_dir() else DEFAULT_TASK
-    spec = get_task(task)
+    """Load a dataset: `data` is a folder or a Hub dataset id; `spec` the task spec (default: the
+    registry entry for `task`, itself defaulting to the folder's name, else "steam")."""
+    if spec is None:
+        spec = resolve_spec(task, data, text_col=text_col, label_col=label_col)
+    task = spec.name
     if data is None:
-        data = default_data(task)
-    text_col = text_col or (spec.text_col if spec else "text")
-    label_col = label_col or (spec.label_col if spec else "label")
+        data = default_data(spec)
+    text_col, label_col = spec.text_col, spec.label_col
 
     path = Path(data).expanduser()
     if path.is_dir():
@@ -215,7 +288,7 @@ def load_task(
     elif data.startswith((".", "/", "~")) or data.count("/") > 1:
         raise DataError(f"data folder {data} does not exist: check the path (or pass a Hub dataset id)")
     else:
-        root, by_split = _hub_split_files(data, spec.hub_config if spec else None)
+        root, by_split = _hub_split_files(data, spec.hub_config)
 
     notes: list[str] = []
     splits, label_text = {}, {}
@@ -227,29 +300,24 @@ def load_task(
     if "test" not in splits:
         raise DataError(f"{data} has no test split file (test{{{','.join(EXTENSIONS)}}}): add one")
 
-    # Label names: string labels are their own names; integer labels take names from the data's
-    # label_text column, else the registry, else their numbers.
     train_labels = splits["train"][1]
-    if all(isinstance(y, int) for y in train_labels):
-        ids = sorted(set(train_labels))
-        k = max(ids) + 1
-        if spec and len(spec.label_names) >= k:
-            label_names = list(spec.label_names)
-        else:
-            label_names = [label_text.get(i, str(i)) for i in range(k)]
-        to_id = {i: i for i in range(len(label_names))}
-    else:
-        label_names = list(spec.label_names) if spec and set(map(str, train_labels)) <= set(spec.label_names) else sorted(set(map(str, train_labels)))
-        to_id = {name: i for i, name in enumerate(label_names)}
-    seen = set(train_labels)
+    label_names, to_id = map_labels(train_labels, spec.label_names, label_text, where=f"train split of {data}")
     for split, (texts, labels) in splits.items():
-        unseen = sorted({str(y) for y in labels if y not in seen})
+        unseen = sorted({str(y) for y in labels if y not in to_id})
         if unseen:
             raise DataError(
                 f"{split} split of {data} has label(s) {', '.join(unseen)} never seen in train "
-                f"(train labels: {', '.join(sorted(map(str, seen)))}); fix the labels or the split"
+                f"(train labels: {', '.join(sorted(map(str, set(train_labels))))}); fix the labels or the split"
             )
     result = {s: Split(t, [to_id[y] for y in l]) for s, (t, l) in splits.items()}
+    if not spec.label_names and all(n.lstrip("+-").isdigit() for n in label_names):
+        notes.append(f"the labels are bare numbers ({', '.join(label_names)}): name them with --label-names "
+                     f"{','.join(f'NAME_{n}' for n in label_names)} (in this order), and for the LLaMA say what they mean "
+                     "with --question and --answers")
+    absent = [label_names[k] for k in range(len(label_names)) if k not in result["train"].labels]
+    if absent:
+        notes.append(f"label(s) {', '.join(absent)} have no train examples: the model cannot learn them")
+    spec = spec.with_overrides(label_names=tuple(label_names))
 
     if "dev" not in result:
         rng = random.Random(seed)
@@ -265,15 +333,27 @@ def load_task(
 
 
 def add_data_args(parser) -> None:
-    """The data options every script shares."""
+    """The data and task-spec options every script shares (see minilab/tasks.py for the fields)."""
     parser.add_argument("--data", default=None, help="a folder of train/dev/test files or a Hub dataset id (default: $MINILAB_DATA/<task> or the task's Hub id)")
-    parser.add_argument("--task", default=None, help="task registry name (steam, sst2, emotion); default: the data folder's name, else steam")
+    parser.add_argument("--task", default=None, help="task registry name (steam, sst2, emotion) or a new name; default: the data folder's name, else steam")
+    parser.add_argument("--task-file", default=None, help="a TOML or JSON task spec (columns, label names, answers, question, metric)")
     parser.add_argument("--text-col", default=None, help="the column holding the text (default from the task, else 'text')")
     parser.add_argument("--label-col", default=None, help="the column holding the label (default from the task, else 'label')")
+    parser.add_argument("--label-names", default=None, help="comma-separated names of the labels, in the sorted order of their values")
+    parser.add_argument("--answers", default=None, help="comma-separated short answers the LLaMA should say, one per label")
+    parser.add_argument("--question", default=None, help="the question the LLaMA is asked about each text")
+    parser.add_argument("--metric", choices=["accuracy", "macro_f1"], default=None,
+                        help="dev metric that picks the best checkpoint (default: the task's; else macro_f1 when train is imbalanced)")
+
+
+def spec_from_args(args) -> TaskSpec:
+    return resolve_spec(args.task, args.data, args.task_file, text_col=args.text_col, label_col=args.label_col,
+                        label_names=split_list(args.label_names), answers=split_list(args.answers),
+                        question=args.question, metric=args.metric)
 
 
 def load_task_from_args(args) -> TaskData:
-    data = load_task(args.data, args.task, args.text_col, args.label_col, seed=getattr(args, "seed", 0))
+    data = load_task(args.data, seed=getattr(args, "seed", 0), spec=spec_from_args(args))
     for note in data.notes:
         print(f"note: {note}")
     return data

@@ -55,4 +55,18 @@ def evaluate_predictions(y_true: list[int], y_pred: list[int], num_labels: int) 
         "accuracy_ci95": [lo, hi],
         "macro_f1": macro_f1(cm),
         "confusion": cm,
+        "predicted_labels": len(set(y_pred)),  # 1 = the model answers one label for everything
     }
+
+
+def one_label_warning(block: dict, label_names: list[str]) -> str | None:
+    """A line saying so when every prediction in a metrics block is the same label (a collapsed model:
+    its accuracy is just that label's share, however good it looks)."""
+    cm = block.get("confusion") or []
+    if block.get("n", 0) < 2 or len(cm) < 2:
+        return None
+    predicted = [c for c in range(len(cm)) if any(row[c] for row in cm)]
+    if len(predicted) != 1:
+        return None
+    return (f"every test prediction is {label_names[predicted[0]]!r}: the model collapsed to one label "
+            f"(accuracy {block['accuracy']:.3f} is that label's share; macro-F1 {block['macro_f1']:.3f})")

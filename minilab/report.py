@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compare import load_rows
+from .metrics import one_label_warning
 from .tasks import get_task
 
 PICTURES = ("training_curve.png", "dpo_rewards.png", "eval_metrics.png")  # plus confusion_<name>.png
@@ -187,6 +188,8 @@ def comment(run: Run, base: Run | None, chance: float | None) -> str:
             parts.append("head untrained: chance level" if where == "at" else f"head untrained, {words[where]}")
         else:
             parts.append(f"zero-shot {words[where]}")
+    if one_label_warning(tuned, [str(k) for k in range(len(tuned.get("confusion") or []))]):
+        parts.append("COLLAPSED: one label for every test text")
     where = _versus_chance(tuned, chance)
     if where != "above":
         parts.append(f"after training {words[where]}")
@@ -403,6 +406,10 @@ def build_report(task: str, root: str | Path = "results", examples: int = 5) -> 
              f"Built from the results files in `{out_dir}` by `python -m minilab.report --task {task}`.",
              f"Splits: {', '.join(f'{k} {v}' for k, v in sizes.items())}; labels: {', '.join(label_names(runs[0], task))}.",
              ""]
+    for r in runs:
+        collapsed = one_label_warning(r.data["fine_tuned"], label_names(r, task))
+        if collapsed:
+            lines += [f"**Warning:** {r.name}: {collapsed}.", ""]
     if len(set(tests.values())) > 1:
         lines += [f"**Warning:** the runs were tested on different splits ({tests}); their rows are not comparable.", ""]
     lines += ["## Results", "",
