@@ -44,11 +44,14 @@ lab: install
 	$(MAKE) --no-print-directory baseline bert llama report
 
 # $(call step,NAME,SCRIPT,ARGS): run SCRIPT unless results/<task>/NAME.json is newer than its inputs
-# (the script, the package, the data files); FORCE=1 always reruns.
+# (the script, the package, the data files) and was made by the same command line (task, data,
+# preset and options: kept in results/<task>/.NAME.cmd); FORCE=1 always reruns.
 define step
-	@if [ -n "$(FORCE)" ] || [ ! -f $(RESULTS)/$(1).json ] || [ -n "$$(find $(2) $(STEP_DEPS) -newer $(RESULTS)/$(1).json 2>/dev/null | head -1)" ]; then \
-		echo "== $(1): $(BIN)/python $(2) --task $(TASK) $(DATA_ARG) $(3)"; \
-		$(BIN)/python $(2) --task $(TASK) $(DATA_ARG) $(3); \
+	@cmd="$(BIN)/python $(2) --task $(TASK) $(DATA_ARG) $(3)"; stamp="$(RESULTS)/.$(1).cmd"; \
+	if [ -n "$(FORCE)" ] || [ ! -f $(RESULTS)/$(1).json ] || [ "$$(cat "$$stamp" 2>/dev/null)" != "$$cmd" ] \
+		|| [ -n "$$(find $(2) $(STEP_DEPS) -newer $(RESULTS)/$(1).json 2>/dev/null | head -1)" ]; then \
+		echo "== $(1): $$cmd"; \
+		$$cmd && echo "$$cmd" > "$$stamp"; \
 	else echo "== $(1): $(RESULTS)/$(1).json is up to date (FORCE=1 to rerun)"; fi
 endef
 

@@ -7,11 +7,13 @@ memory, device, precision, seed and the exact command line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import resource
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -48,6 +50,28 @@ def write_results(payload: dict, name: str, root: str | Path = "results") -> Pat
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a temporary folder beside `path`; when the block succeeds it replaces `path`. A kill
+    at any point leaves either the old folder or the new one whole, never a mix (at worst a stray
+    `.tmp-*`/`.old-*` folder beside it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".old-{path.name}-{os.getpid()}")
+    if path.exists():
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_results(path: str | Path) -> dict:

@@ -30,10 +30,20 @@ class Tracker:
     """Log dicts of metrics against a step to `<jsonl_path>` and to one W&B run."""
 
     def __init__(self, jsonl_path: str | Path, project: str = "minilab", run_name: str | None = None,
-                 config: dict | None = None, group: str | None = None):
+                 config: dict | None = None, group: str | None = None, resume: dict | None = None):
+        """`resume`: the checkpoint's {"metrics_lines", "wandb_id"}: the log keeps its first lines (those
+        written up to the checkpoint) and is appended to, and the W&B run continues under the same id."""
         self.path = Path(jsonl_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "w")
+        self.lines = 0
+        if resume:
+            kept = self.path.read_text().splitlines(keepends=True)[: resume["metrics_lines"]] if self.path.exists() else []
+            self.file = open(self.path, "w")
+            self.file.writelines(kept)
+            self.file.flush()
+            self.lines = len(kept)
+        else:
+            self.file = open(self.path, "w")
         self.t0 = time.time()
         self.run = None
         self.mode = _wandb_mode()
@@ -44,18 +54,25 @@ class Tracker:
                 wandb = None
             if wandb is not None:
                 try:
+                    wandb_id = (resume or {}).get("wandb_id")
                     self.run = wandb.init(project=project, name=run_name, group=group, config=config or {},
-                                          mode=self.mode, dir=str(self.path.parent), reinit="finish_previous")
+                                          mode=self.mode, dir=str(self.path.parent), reinit="finish_previous",
+                                          **({"id": wandb_id, "resume": "allow"} if wandb_id else {}))
                 except Exception as e:  # W&B trouble must never stop a training run
                     print(f"note: Weights & Biases disabled ({type(e).__name__}: {e})")
                     self.run = None
-        if config is not None:
+        if config is not None and not resume:
             self.log({"config": config}, step=0, kind="config")
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
 
     def log(self, metrics: dict, step: int, kind: str = "train") -> None:
         record = {"kind": kind, "step": step, "time": round(time.time() - self.t0, 3), **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.lines += 1
         if self.run is not None and kind != "config":
             flat = {f"{kind}/{k}" if "/" not in k else k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             self.run.log(flat, step=step)

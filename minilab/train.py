@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .checkpoint import rng_state, set_rng_state
 from .tracking import Tracker
 
 
@@ -45,6 +50,7 @@ class TrainConfig:
     seed: int = 0
     metric: str = "accuracy"  # the dev metric that picks the best weights
     max_train_seconds: float | None = None  # a time budget: stop (and evaluate) once it is spent
+    max_nonfinite: int = 3  # this many non-finite steps in a row stop the run
     progress: bool = True
 
 
@@ -57,6 +63,8 @@ class TrainResult:
     best_step: int | None
     best_metric: float | None
     history: list[dict] = field(default_factory=list)
+    nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    stopped_by: str | None = None  # e.g. the time budget, when it ended the run early
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +168,282 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # The loop
 
 
+class NonFiniteError(RuntimeError):
+    """Several optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; the loop saved a checkpoint and stopped."""
+
+
+def accumulation_groups(batches: list, grad_accum: int) -> list[list]:
+    """An epoch's micro-batches cut into optimizer steps of `grad_accum` each; the leftover
+    micro-batches form a last, smaller step (so every micro-batch is used exactly once, and
+    `grad_accum` larger than an epoch still steps once per epoch)."""
+    return [batches[i : i + grad_accum] for i in range(0, len(batches), grad_accum)]
+
+
+class Progress:
+    """A redrawn bar on a terminal; a plain line every `log_every` steps when the output is a file."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        import sys
+
+        self.total, self.t0, self.start = total, time.perf_counter(), start
+        self.bar = None
+        self.plain = enabled and not sys.stdout.isatty()
+        if enabled and not self.plain:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+    def update(self, step: int, record: dict | None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if record:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_second']:.1f}")
+        elif self.plain and record:
+            elapsed = time.perf_counter() - self.t0
+            left = elapsed / max(1, step - self.start) * (self.total - step)
+            print(f"step {step}/{self.total} | loss {record['loss']:.4f} | {record['examples_per_second']:.1f} ex/s | "
+                  f"{_clock(elapsed)} elapsed, {_clock(left)} left", flush=True)
+
+    def write(self, line: str) -> None:
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+class Trainer:
+    """The training loop, in pieces: `step` (one optimizer step over a group of micro-batches),
+    `evaluate` (dev score, best weights kept), `save` (a checkpoint), and `run` (epochs of steps).
+
+    `make_batches(epoch)` returns that epoch's micro-batches (the same list for the same epoch, so a
+    resumed run sees the same data); `loss_fn(model, batch)` returns (mean loss, dict of floats);
+    `evaluate_fn(model)` returns a dict holding `cfg.metric`."""
+
+    def __init__(self, model, make_batches, loss_fn, cfg: TrainConfig, device, evaluate_fn=None, tracker=None,
+                 batch_examples: Callable[[Any], int] = len, checkpointer=None):
+        self.model, self.make_batches, self.loss_fn, self.cfg = model, make_batches, loss_fn, cfg
+        self.device, self.evaluate_fn, self.tracker, self.batch_examples = device, evaluate_fn, tracker, batch_examples
+        self.checkpointer = checkpointer
+        set_seed(cfg.seed)
+        self.amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # Steps per epoch and the schedule's length are counted exactly as `run` takes them.
+        self.steps_per_epoch = len(accumulation_groups(make_batches(0), cfg.grad_accum))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
+        self.scheduler = linear_schedule(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.eval_every = cfg.eval_every or self.steps_per_epoch
+        self.save_every = (checkpointer.save_every if checkpointer and checkpointer.save_every else self.eval_every)
+        # Where the loop stands: all of it goes into a checkpoint.
+        self.step = self.epoch = self.position = self.examples = 0  # position: steps taken in this epoch
+        self.train_seconds = 0.0
+        self.best_metric, self.best_step, self.best_state = None, None, None
+        self.nonfinite, self.nonfinite_in_row = 0, 0
+        self.history: list[dict] = []
+        self.window = self._new_window()
+        self.signal: str | None = None
+        # Fault injection for the kill-and-resume tests: MINILAB_FAULT="SIGKILL:5" kills this process
+        # right after optimizer step 5 (what a lost machine does); "SIGTERM:5" sends it a SIGTERM.
+        fault = os.environ.get("MINILAB_FAULT", "")
+        self.fault = (int(fault.split(":")[1]), fault.split(":")[0]) if ":" in fault else None
+        self.stopped_by: str | None = None
+        if checkpointer is not None and checkpointer.meta is not None:
+            self._resume()
+
+    # ---- one optimizer step -------------------------------------------------------------
+
+    def train_step(self, group: list) -> None:
+        """Forward and backward over the group's micro-batches, each loss divided by the number of
+        micro-batches the group really holds; then clip and step, unless the loss or the gradient
+        norm is not finite, in which case the step is skipped and its gradients dropped."""
+        total_loss, metrics = 0.0, {}
+        for batch in group:
+            with autocast(self.device, self.amp_dtype):
+                loss, metrics = self.loss_fn(self.model, batch)
+            loss = loss / len(group)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total_loss += loss.item()
+            n = self.batch_examples(batch)
+            self.examples += n
+            self.window["examples"] += n
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        # max_norm inf: the total norm, nothing clipped
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf))
+        finite = math.isfinite(total_loss) and (self.scaler is not None or math.isfinite(grad_norm))
+        if finite:
+            if self.scaler:  # fp16: the scaler skips steps with inf/nan gradients itself, and shrinks its scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_in_row = 0
+            self.window["loss"] += total_loss
+            self.window["n"] += 1
+        else:
+            self.nonfinite += 1
+            self.nonfinite_in_row += 1
+            self._log({"nonfinite_loss": total_loss, "nonfinite_grad_norm": grad_norm, "lr": self.lr}, kind="skipped")
+            self.progress.write(f"step {self.step + 1}: loss {total_loss} / gradient norm {grad_norm} not finite: step skipped")
+            if self.nonfinite_in_row >= self.cfg.max_nonfinite:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_row} steps in a row (the last at step {self.step + 1}, learning rate {self.lr:.3g}) "
+                    "had a non-finite loss or gradient: lower --lr, try --precision fp32, or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.position += 1
+        self.last = {"grad_norm": grad_norm, **{k: float(v) for k, v in metrics.items()}}
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _new_window(self) -> dict:
+        return {"loss": 0.0, "n": 0, "examples": 0, "seconds": 0.0}
+
+    def _log(self, record: dict, kind: str = "train") -> None:
+        self.history.append({"kind": kind, "step": self.step, **record})
+        if self.tracker:
+            self.tracker.log(record, step=self.step, kind=kind)
+
+    def log_train(self) -> dict | None:
+        """Every `log_every` steps: mean loss, learning rate, examples/s since the last record."""
+        if self.step % self.cfg.log_every and self.step != self.total_steps:
+            return None
+        w = self.window
+        if not w["n"]:
+            return None
+        record = {"loss": w["loss"] / w["n"], "lr": self.lr, "examples_per_second": w["examples"] / max(1e-9, w["seconds"]),
+                  "epoch": self.epoch + self.position / self.steps_per_epoch, **self.last}
+        self._log(record)
+        self.window = self._new_window()
+        return record
+
+    # ---- evaluation and checkpoints -----------------------------------------------------
+
+    def evaluate(self) -> None:
+        """Score dev; keep a CPU copy of the trainable weights when they are the best so far."""
+        if self.evaluate_fn is None:
+            return
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate_fn(self.model)
+        self.model.train()
+        self._log(metrics, kind="eval")
+        score = metrics[self.cfg.metric]
+        if self.best_metric is None or score > self.best_metric:
+            self.best_metric, self.best_step, self.best_state = score, self.step, trainable_state(self.model)
+        self.progress.write(f"step {self.step}: dev {self.cfg.metric} {score:.4f} (best {self.best_metric:.4f} at step {self.best_step})")
+
+    def save(self) -> None:
+        if self.checkpointer is None:
+            return
+        meta = {"step": self.step, "epoch": self.epoch, "position": self.position, "examples": self.examples,
+                "train_seconds": self.train_seconds, "best_metric": self.best_metric, "best_step": self.best_step,
+                "nonfinite": self.nonfinite, "nonfinite_in_row": self.nonfinite_in_row,
+                "metrics_lines": self.tracker.lines if self.tracker else 0,
+                "wandb_id": self.tracker.wandb_id if self.tracker else None}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state(), "history": self.history,
+                 "window": self.window}  # the half-filled logging window, so the next record averages the same steps
+        self.checkpointer.save(meta, trainable_state(self.model), self.best_state, state)
+
+    def _resume(self) -> None:
+        meta, trainable, best, state = self.checkpointer.load()
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in trainable.items():
+                named[n].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.history, self.window = state["history"], state["window"]
+        for k in ("step", "epoch", "position", "examples", "train_seconds", "best_metric", "best_step", "nonfinite",
+                  "nonfinite_in_row"):
+            setattr(self, k, meta[k])
+        self.best_state = best
+        print(f"resumed from {self.checkpointer.latest()}: step {self.step} of {self.total_steps}, "
+              f"epoch {self.epoch}, {self.position} steps into it")
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name  # acted on after the current optimizer step
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        self.progress = Progress(self.total_steps, self.step, self.cfg.progress)
+        handlers = {}
+        if self.checkpointer is not None and threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.model.train()
+        try:
+            self._epochs()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.progress.close()
+        if self.best_state is not None:  # the weights that scored best on dev
+            named = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for n, v in self.best_state.items():
+                    named[n].copy_(v)
+        return TrainResult(steps=self.step, examples=self.examples, train_seconds=self.train_seconds,
+                           examples_per_second=self.examples / max(1e-9, self.train_seconds), best_step=self.best_step,
+                           best_metric=self.best_metric, history=self.history, nonfinite_steps=self.nonfinite,
+                           stopped_by=self.stopped_by)
+
+    def _epochs(self) -> None:
+        while self.step < self.total_steps:
+            groups = accumulation_groups(self.make_batches(self.epoch), self.cfg.grad_accum)
+            if not groups:
+                raise ValueError("no training batches: the train split is empty")
+            for group in groups[self.position :]:
+                t0 = time.perf_counter()
+                self.train_step(group)
+                seconds = time.perf_counter() - t0
+                self.train_seconds += seconds
+                self.window["seconds"] += seconds
+                self.progress.update(self.step, self.log_train())
+                if self.position == len(groups):  # the epoch is over: a checkpoint from here starts the next
+                    self.epoch, self.position = self.epoch + 1, 0
+                if self.after_step():
+                    return
+
+    def after_step(self) -> bool:
+        """Evaluate, save and stop when it is time; True when the run is over."""
+        budget = self.cfg.max_train_seconds
+        over_time = budget is not None and self.train_seconds > budget and self.step < self.total_steps
+        done = self.step >= self.total_steps or over_time
+        if over_time:
+            self.stopped_by = f"time budget of {budget:.0f}s at step {self.step} of {self.total_steps}"
+            self.progress.write(f"stopped by the {self.stopped_by}")
+        if self.fault and self.fault[0] == self.step:  # a lost machine (SIGKILL) or a polite stop (SIGTERM)
+            os.kill(os.getpid(), getattr(signal, self.fault[1]))
+            time.sleep(0.1)  # let the handler run
+        if self.step % self.eval_every == 0 or done:
+            self.evaluate()
+        if self.step % self.save_every == 0 or done or self.signal:
+            self.save()
+        if self.signal:
+            where = f"checkpoint saved in {self.checkpointer.dir}; rerun with --resume to continue"
+            raise TrainingInterrupted(f"{self.signal} at step {self.step}: {where}")
+        return done
+
+
 def train(
     model: torch.nn.Module,
     make_batches: Callable[[int], list[Any]],
@@ -169,128 +453,11 @@ def train(
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
     tracker: Tracker | None = None,
     batch_examples: Callable[[Any], int] = len,
+    checkpointer=None,
 ) -> TrainResult:
     """Train `model` in place; return timing, the best dev score, and the metric history.
-
-    `make_batches(epoch)` returns that epoch's batches (micro-batches when accumulating);
-    `loss_fn(model, batch)` returns (mean loss, dict of float metrics); `evaluate(model)` returns a
-    dict holding `cfg.metric`. At the end the weights that scored best on dev are restored.
-    """
-    from tqdm.auto import tqdm
-
-    set_seed(cfg.seed)
-    amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    batches_per_epoch = len(make_batches(0))
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = linear_schedule(optimizer, warmup, total_steps)
-    eval_every = cfg.eval_every or steps_per_epoch
-
-    history: list[dict] = []
-    best_metric, best_step, best_state = None, None, None
-    step, examples, train_time, epoch = 0, 0, 0.0, 0
-    bar = tqdm(total=total_steps, desc="train", disable=not cfg.progress, dynamic_ncols=True)
-
-    def run_eval() -> None:
-        nonlocal best_metric, best_step, best_state
-        if evaluate is None:
-            return
-        model.eval()
-        with torch.no_grad():
-            metrics = evaluate(model)
-        model.train()
-        history.append({"kind": "eval", "step": step, **metrics})
-        if tracker:
-            tracker.log(metrics, step=step, kind="eval")
-        score = metrics[cfg.metric]
-        if best_metric is None or score > best_metric:
-            best_metric, best_step, best_state = score, step, trainable_state(model)
-        bar.write(f"step {step}: dev {cfg.metric} {score:.4f} (best {best_metric:.4f} at step {best_step})")
-
-    model.train()
-    done = False
-    while not done:
-        batches = make_batches(epoch)
-        micro = 0
-        t_start = time.perf_counter()
-        window_loss, window_n, window_t, window_examples = 0.0, 0, time.perf_counter(), 0
-        for batch in batches:
-            with autocast(device, amp_dtype):
-                loss, metrics = loss_fn(model, batch)
-            loss = loss / cfg.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            micro += 1
-            n = batch_examples(batch)
-            examples += n
-            window_examples += n
-            window_loss += loss.item() * cfg.grad_accum
-            window_n += 1
-            if micro % cfg.grad_accum:
-                continue
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-
-            if step % cfg.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                record = {
-                    "loss": window_loss / window_n,
-                    "lr": scheduler.get_last_lr()[0],
-                    "examples_per_second": window_examples / max(1e-9, now - window_t),
-                    "epoch": epoch + micro / len(batches),
-                    **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-                    **{k: float(v) for k, v in metrics.items()},
-                }
-                history.append({"kind": "train", "step": step, **record})
-                if tracker:
-                    tracker.log(record, step=step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_second']:.1f}")
-                window_loss, window_n, window_t, window_examples = 0.0, 0, time.perf_counter(), 0
-
-            over_time = cfg.max_train_seconds is not None and train_time + time.perf_counter() - t_start > cfg.max_train_seconds
-            if step >= total_steps or over_time:
-                done = True
-            if step % eval_every == 0 or done:
-                train_time += time.perf_counter() - t_start
-                run_eval()
-                t_start = time.perf_counter()
-            if done:
-                if over_time and step < total_steps:
-                    bar.write(f"time budget of {cfg.max_train_seconds:.0f}s spent: stopping at step {step} of {total_steps}")
-                break
-        else:
-            train_time += time.perf_counter() - t_start
-        epoch += 1
-    bar.close()
-
-    if best_state is not None:
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, v in best_state.items():
-                named[n].copy_(v)
-    return TrainResult(
-        steps=step,
-        examples=examples,
-        train_seconds=train_time,
-        examples_per_second=examples / max(1e-9, train_time),
-        best_step=best_step,
-        best_metric=best_metric,
-        history=history,
-    )
+    At the end the weights that scored best on dev are restored. See `Trainer`."""
+    return Trainer(model, make_batches, loss_fn, cfg, device, evaluate, tracker, batch_examples, checkpointer).run()
 
 
 def config_dict(cfg: TrainConfig) -> dict:
@@ -312,7 +479,37 @@ def add_train_args(parser, **defaults) -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="optimizer steps between dev evaluations (0: each epoch)")
     parser.add_argument("--max-train-seconds", type=float, default=None, help="stop training once this much time is spent")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--max-nonfinite", type=int, default=None, help="non-finite steps in a row that stop the run (default 3)")
+    parser.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (default: at each evaluation)")
+    parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: runs/<task>/<name>-checkpoint)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+
+
+# Options that do not change what a run computes: a resumed run may change them.
+NOT_CONFIG = ("resume", "checkpoint_dir", "save_every", "no_progress", "max_train_seconds", "stream_examples")
+
+
+def make_checkpointer(args, task: str, name: str, cfg: TrainConfig, **extra):
+    """The run's Checkpointer; its config is every option (resolved) that changes what the run computes."""
+    from .checkpoint import Checkpointer
+
+    config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    config.update({f"train.{k}": v for k, v in asdict(cfg).items() if k not in ("progress", "max_train_seconds")}, **extra)
+    directory = args.checkpoint_dir or f"runs/{task}/{name}-checkpoint"
+    return Checkpointer(directory, config, save_every=args.save_every, resume=args.resume)
+
+
+def publish_log(src: str | Path, dst: str | Path) -> None:
+    """Copy a finished run's metrics log beside its results (temp file + rename: never half a log)."""
+    import os
+    import shutil
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def train_config_from_args(args, preset: dict) -> TrainConfig:

@@ -142,7 +142,8 @@ def test_negative_labels_sort_into_ids(tmp_path):
 def test_label_names_flag_names_sorted_values(tmp_path):
     _splits(tmp_path / "d", [{"text": f"t{i}", "label": 1 + i % 2} for i in range(10)])
     data = load_task(str(tmp_path / "d"), spec=resolve_spec(data=str(tmp_path / "d"), label_names=("bad", "good")))
-    assert data.label_names == ["bad", "good"] and data.train.labels[:2] == [0, 1] and not data.notes
+    assert data.label_names == ["bad", "good"] and data.train.labels[:2] == [0, 1]
+    assert data.notes == ["label values named: 1 = 'bad', 2 = 'good'"]
     with pytest.raises(DataError, match=r"3 label names \(a, b, c\) for 2 label values \(3, 4\)"):
         _splits(tmp_path / "e", [{"text": f"t{i}", "label": 3 + i % 2} for i in range(10)])
         load_task(str(tmp_path / "e"), spec=resolve_spec(data=str(tmp_path / "e"), label_names=("a", "b", "c")))
@@ -153,8 +154,11 @@ def test_string_labels_sorted_or_in_the_given_order(tmp_path):
     assert load_task(str(tmp_path / "d")).label_names == ["neg", "pos"]
     data = load_task(str(tmp_path / "d"), spec=resolve_spec(data=str(tmp_path / "d"), label_names=("pos", "neg")))
     assert data.label_names == ["pos", "neg"] and data.train.labels[:2] == [0, 1]
-    with pytest.raises(DataError, match=r"label\(s\) neg, pos not among the label names \(a, b\)"):
-        load_task(str(tmp_path / "d"), spec=resolve_spec(data=str(tmp_path / "d"), label_names=("a", "b")))
+    renamed = load_task(str(tmp_path / "d"), spec=resolve_spec(data=str(tmp_path / "d"), label_names=("bad", "good")))
+    assert renamed.label_names == ["bad", "good"] and renamed.train.labels[:2] == [1, 0]  # sorted: neg = bad, pos = good
+    assert "label values named: neg = 'bad', pos = 'good'" in renamed.notes
+    with pytest.raises(DataError, match=r"label\(s\) neg, pos not among the label names \(a, b, c\)"):
+        load_task(str(tmp_path / "d"), spec=resolve_spec(data=str(tmp_path / "d"), label_names=("a", "b", "c")))
 
 
 def test_mixed_label_types_is_one_line(tmp_path):

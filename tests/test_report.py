@@ -167,7 +167,8 @@ def lab(tmp_path_factory, shared_data) -> Path:
     procs.append(("train_bert.py", subprocess.Popen(
         [sys.executable, "train_bert.py", "--task", TASK, "--model", str(model), "--data", str(data), "--epochs", "1",
          "--batch-size", "2", "--eval-every", "10", "--max-length", "32", "--precision", "fp32",
-         "--out", str(out), "--save-dir", str(root / "runs" / "bert"), "--no-progress"],
+         "--out", str(out), "--save-dir", str(root / "runs" / "bert"), "--no-progress",
+         "--checkpoint-dir", str(root / "runs" / "bert-ck")],
         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     tiny_dpo_run(data, out)  # runs while the subprocesses do
     for what, p in procs:
@@ -178,7 +179,8 @@ def lab(tmp_path_factory, shared_data) -> Path:
 
         llama = make_tiny_llama(root / "tinyllama")
         _check(_run(["train_dpo.py", "--task", TASK, "--data", str(data), "--out", str(out), "--model", str(llama),
-                     "--save-dir", str(root / "runs" / "llama"), *DPO_ARGS]), "train_dpo.py")
+                     "--save-dir", str(root / "runs" / "llama"), "--checkpoint-dir", str(root / "runs" / "llama-ck"),
+                     "--ref-cache", str(root / "runs" / "ref-cache"), *DPO_ARGS]), "train_dpo.py")
     return out
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minilab.results import REQUIRED
 
@@ -53,7 +54,8 @@ def tiny_bert(tmp_path_factory):
 @pytest.mark.slow
 def test_train_bert_end_to_end(tmp_path, tiny_steam, tiny_bert):
     res = run(["train_bert.py", "--data", str(tiny_steam), "--model", str(tiny_bert), "--epochs", "1",
-               "--batch-size", "8", "--out", str(tmp_path), "--save-dir", str(tmp_path / "saved"), "--no-progress"])
+               "--batch-size", "8", "--out", str(tmp_path), "--save-dir", str(tmp_path / "saved"), "--no-progress",
+               "--checkpoint-dir", str(tmp_path / "ck")])
     assert res.returncode == 0, res.stderr[-2000:]
     for step in range(1, 10):
         assert f"[{step}/9]" in res.stdout
@@ -94,7 +96,7 @@ def test_train_dpo_end_to_end(tmp_path, tiny_steam, tiny_llama):
     res = run(["train_dpo.py", "--data", str(tiny_steam), "--model", str(tiny_llama), "--max-pairs", "16",
                "--batch-size", "4", "--epochs", "1", "--test-limit", "8", "--eval-limit", "8", "--eval-every", "2",
                "--max-new-tokens", "3", "--lr", "1e-3", "--out", str(tmp_path), "--save-dir", str(tmp_path / "adapter"),
-               "--no-progress"])
+               "--no-progress", "--checkpoint-dir", str(tmp_path / "ck"), "--ref-cache", str(tmp_path / "ref")])
     assert res.returncode == 0, res.stderr[-3000:]
     for step in range(1, 11):
         assert f"[{step}/10]" in res.stdout
@@ -116,8 +118,69 @@ def test_real_minilm_learns_steam_in_one_epoch(tmp_path, shared_data):
     """The CPU preset on the real MiniLM and the full steam data, one epoch: the fine-tuned model
     must beat its untrained head (0.476 here) by a wide margin (one epoch reaches about 0.70-0.80)."""
     res = run(["train_bert.py", "--data", str(shared_data / "steam"), "--epochs", "1", "--out", str(tmp_path),
-               "--save-dir", str(tmp_path / "saved"), "--no-progress"])
+               "--save-dir", str(tmp_path / "saved"), "--no-progress", "--checkpoint-dir", str(tmp_path / "ck")])
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((tmp_path / "steam" / "bert.json").read_text())
     assert r["fine_tuned"]["accuracy"] > r["zero_shot"]["accuracy"] + 0.1
     assert r["fine_tuned"]["accuracy"] > 0.65 and r["fine_tuned"]["n"] == 147
+
+
+# --------------------------------------------------------------------------------------------
+# Killed runs resume to the uninterrupted run's result
+
+
+def _script_args(kind, data, model, out):
+    common = ["--data", str(data), "--model", str(model), "--batch-size", "4", "--out", str(out / "results"),
+              "--save-dir", str(out / "saved"), "--checkpoint-dir", str(out / "ck"), "--save-every", "2", "--no-progress"]
+    if kind == "bert":
+        return ["train_bert.py", *common, "--epochs", "1", "--max-length", "32"]
+    return ["train_dpo.py", *common, "--max-pairs", "24", "--epochs", "1", "--test-limit", "8", "--eval-limit", "8",
+            "--eval-every", "3", "--max-new-tokens", "2", "--stream-examples", "1", "--lr", "1e-3",
+            "--ref-cache", str(out / "ref-cache")]
+
+
+def _outcome(out, kind):
+    from safetensors.torch import load_file
+
+    name = "bert" if kind == "bert" else "llama"
+    r = json.loads((out / "results" / "steam" / f"{name}.json").read_text())
+    log = [{k: v for k, v in json.loads(line).items() if k not in ("time", "examples_per_second")}
+           for line in (out / "results" / "steam" / f"{name}_metrics.jsonl").read_text().splitlines()]
+    weights = load_file(str(out / "saved" / ("model.safetensors" if kind == "bert" else "adapter_model.safetensors")))
+    return r, log, weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,fault", [("bert", "SIGKILL"), ("bert", "SIGTERM"), ("dpo", "SIGKILL"), ("dpo", "SIGTERM")])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_steam, tiny_bert, tiny_llama, kind, fault):
+    model = tiny_bert if kind == "bert" else tiny_llama
+    whole = run(_script_args(kind, tiny_steam, model, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "killed"
+    killed = run(_script_args(kind, tiny_steam, model, out), MINILAB_FAULT=f"{fault}:5")  # after step 5; saved at 4
+    assert killed.returncode == (-9 if fault == "SIGKILL" else 143), killed.stderr[-2000:]
+    assert (out / "ck" / "latest").read_text() == ("step-000004" if fault == "SIGKILL" else "step-000005")
+    assert not (out / "results" / "steam").exists() or not list((out / "results" / "steam").glob("*.json"))
+    if fault == "SIGTERM":
+        assert "interrupted: SIGTERM at step 5: checkpoint saved in" in killed.stderr
+    resumed = run(_script_args(kind, tiny_steam, model, out) + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    r0, log0, w0 = _outcome(tmp_path / "whole", kind)
+    r1, log1, w1 = _outcome(out, kind)
+    assert r1["predictions"] == r0["predictions"] and r1["fine_tuned"] == r0["fine_tuned"]
+    assert r1["training"]["steps"] == r0["training"]["steps"] and r1["dev_best"] == r0["dev_best"]
+    assert log1 == log0
+    assert w1.keys() == w0.keys() and all(torch.equal(w1[k], w0[k]) for k in w0)  # bitwise
+    if kind == "dpo":
+        assert "read from" in resumed.stdout  # the reference log-probs were kept, not recomputed
+
+
+def test_resume_with_a_changed_option_is_refused_by_name(tmp_path, tiny_steam, tiny_bert):
+    args = _script_args("bert", tiny_steam, tiny_bert, tmp_path)
+    first = run(args + ["--max-steps", "2"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run(args + ["--max-steps", "2", "--lr", "3e-4", "--resume"])
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in ")
+    assert "lr: None -> 0.0003" in again.stderr and "train.lr: 0.0001 -> 0.0003" in again.stderr
