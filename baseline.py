@@ -23,6 +23,7 @@ import torch
 from minilab.cli import run_main
 from minilab.data import add_data_args, load_task_from_args
 from minilab.metrics import evaluate_predictions
+from minilab.predict import save_baseline
 from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
 from minilab.tfidf import TfidfVectorizer, fit_logistic_regression
 
@@ -38,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="values of C to try on dev")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch; 1 is fastest for a problem this small (more threads mostly wait on each other)")
+    p.add_argument("--save-dir", default=None, help="where the fitted model goes, for minilab.predict (default: runs/<task>/baseline)")
     p.add_argument("--show-wrong", type=int, default=5, help="how many misclassified test texts to keep in the results")
     return p.parse_args(argv)
 
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
             {"text": data.test.texts[i], "true": names[data.test.labels[i]], "pred": names[pred[i]]} for i in wrong
         ],
     }
+    save_dir = save_baseline(args.save_dir or f"runs/{data.task}/baseline", vec, model, names)
+    payload["save_dir"] = str(save_dir)
     path = write_results(payload, "baseline", root=args.out)
     print(f"wrote {path}  (train {train_seconds:.2f}s, search {search_seconds:.2f}s, peak RSS {payload['peak_rss_mb']:.0f} MB)")
     return 0

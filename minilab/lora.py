@@ -38,13 +38,25 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT wraps the model twice: PeftModel.base_model (LoraModel).model
 
 
+def _input_for(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x as `F.linear(x, weight)` needs it. Outside autocast both must share a dtype, so x is cast
+    to the weight's; under autocast x is left alone (F.linear casts both to the autocast dtype, and
+    casting x here first would only add a copy)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable low-rank update (see the module docstring).
 
-    The adapter weights live in float32 whatever the base dtype (PEFT does the same), but the
-    forward pass runs in the input's dtype: A and B are cast on the fly, which is what mixed
-    precision does with fp32 master weights. `r` is tiny, so the two extra matmuls cost about
-    2 r (in + out) / (in * out) of the base one: under 3% at r=8, d=576.
+    Dtypes. The base may be bf16 (half the memory of a frozen model that never needs fp32), but
+    A and B always live in float32, as in PEFT: they are what the optimizer updates, and AdamW's
+    small steps would mostly round away in bf16 (its state, the same dtype as the parameters,
+    stays fp32 too). So the forward pass mixes dtypes, on purpose:
+      * the base runs in its own dtype (the input is cast to it) or in autocast's;
+      * the update B A x runs in fp32, or in autocast's dtype under autocast (F.linear casts);
+      * the sum comes out in the base's output dtype, like the nn.Linear it replaces.
+    `r` is tiny, so the two extra matmuls cost about 2 r (in + out) / (in * out) of the base
+    one: under 3% at r=8, d=576.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
@@ -76,19 +88,21 @@ class LoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # (..., out)
+        y = self.base_layer(_input_for(x, self.base_layer.weight))  # (..., out), base (or autocast) dtype
         if self.merged:
             if self.disabled:  # the update sits inside W: take it back out (no dropout at eval)
-                return y - self._delta(x, dropout=False)
+                return y - self._delta(x, dropout=False).to(y.dtype)
             return y
         if self.disabled:
             return y
-        return y + self._delta(x, dropout=True)
+        return y + self._delta(x, dropout=True).to(y.dtype)
 
     def _delta(self, x: torch.Tensor, dropout: bool) -> torch.Tensor:
+        """B A x * scale, (..., out): in fp32 outside autocast (a bf16 input is upcast; the update
+        is small next to W x, and bf16 would keep only ~3 of its digits), in autocast's dtype inside."""
         h = self.lora_dropout(x) if dropout else x
-        h = F.linear(h, self.lora_A.weight.to(x.dtype))  # (..., r)
-        return F.linear(h, self.lora_B.weight.to(x.dtype)) * self.scaling  # (..., out)
+        h = F.linear(_input_for(h, self.lora_A.weight), self.lora_A.weight)  # (..., r)
+        return F.linear(h, self.lora_B.weight) * self.scaling  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update B A * scale, (out, in), in float32."""
@@ -191,6 +205,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight (see LoRALinear.merge)."""
     for layer in lora_layers(model).values():
         layer.merge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put its base `nn.Linear` back in the wrapper's place: a plain model
+    again, whose weights `save_llama` writes under their Hub names. Merge from fp32 weights for an
+    exact result (a bf16 base rounds the merged weight)."""
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
     return model
 
 

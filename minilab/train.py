@@ -65,6 +65,9 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     stopped_by: str | None = None  # e.g. the time budget, when it ended the run early
+    checkpoints: int = 0  # checkpoints this process wrote, and the seconds they took
+    checkpoint_seconds: float = 0.0
+    resumed_from: int | None = None  # the step a resumed run started from
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,9 +253,11 @@ class Trainer:
         self.train_seconds = 0.0
         self.best_metric, self.best_step, self.best_state = None, None, None
         self.nonfinite, self.nonfinite_in_row = 0, 0
+        self.checkpoints, self.checkpoint_seconds = 0, 0.0  # written by this process, and the time they took
         self.history: list[dict] = []
         self.window = self._new_window()
         self.signal: str | None = None
+        self.resumed_from: int | None = None
         # Fault injection for the kill-and-resume tests: MINILAB_FAULT="SIGKILL:5" kills this process
         # right after optimizer step 5 (what a lost machine does); "SIGTERM:5" sends it a SIGTERM.
         fault = os.environ.get("MINILAB_FAULT", "")
@@ -358,7 +363,10 @@ class Trainer:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state(), "history": self.history,
                  "window": self.window}  # the half-filled logging window, so the next record averages the same steps
+        t0 = time.perf_counter()
         self.checkpointer.save(meta, trainable_state(self.model), self.best_state, state)
+        self.checkpoint_seconds += time.perf_counter() - t0
+        self.checkpoints += 1
 
     def _resume(self) -> None:
         meta, trainable, best, state = self.checkpointer.load()
@@ -376,6 +384,7 @@ class Trainer:
                   "nonfinite_in_row"):
             setattr(self, k, meta[k])
         self.best_state = best
+        self.resumed_from = self.step
         print(f"resumed from {self.checkpointer.latest()}: step {self.step} of {self.total_steps}, "
               f"epoch {self.epoch}, {self.position} steps into it")
 
@@ -404,7 +413,8 @@ class Trainer:
         return TrainResult(steps=self.step, examples=self.examples, train_seconds=self.train_seconds,
                            examples_per_second=self.examples / max(1e-9, self.train_seconds), best_step=self.best_step,
                            best_metric=self.best_metric, history=self.history, nonfinite_steps=self.nonfinite,
-                           stopped_by=self.stopped_by)
+                           stopped_by=self.stopped_by, checkpoints=self.checkpoints,
+                           checkpoint_seconds=self.checkpoint_seconds, resumed_from=self.resumed_from)
 
     def _epochs(self) -> None:
         while self.step < self.total_steps:
@@ -487,7 +497,8 @@ def add_train_args(parser, **defaults) -> None:
 
 
 # Options that do not change what a run computes: a resumed run may change them.
-NOT_CONFIG = ("resume", "checkpoint_dir", "save_every", "no_progress", "max_train_seconds", "stream_examples")
+NOT_CONFIG = ("resume", "checkpoint_dir", "save_every", "no_progress", "max_train_seconds", "stream_examples", "out",
+              "save_dir", "ref_cache")
 
 
 def make_checkpointer(args, task: str, name: str, cfg: TrainConfig, **extra):

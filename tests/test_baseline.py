@@ -125,7 +125,7 @@ def steam_run(shared_data, tmp_path_factory):
     if not (folder / "train.csv").is_file():
         pytest.skip(f"steam data not found in {folder}")
     out = tmp_path_factory.mktemp("results")
-    proc = run_baseline("--data", folder, "--out", out)
+    proc = run_baseline("--data", folder, "--out", out, "--save-dir", out / "saved")
     assert proc.returncode == 0, proc.stderr
     return folder, json.loads((out / "steam" / "baseline.json").read_text()), proc.stdout
 
@@ -181,7 +181,7 @@ def test_script_accuracy_matches_sklearn(steam_run):
 def test_script_missing_column_is_one_line_exit_2(tmp_path):
     for split in ("train", "dev", "test"):
         (tmp_path / f"{split}.csv").write_text("review,label\ngood game,1\nbad game,0\n")
-    proc = run_baseline("--data", tmp_path, "--out", tmp_path / "results")
+    proc = run_baseline("--data", tmp_path, "--out", tmp_path / "results", "--save-dir", tmp_path / "saved")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no column 'text'" in lines[0], proc.stderr

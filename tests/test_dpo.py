@@ -197,6 +197,22 @@ def test_bf16_model_scores_in_fp32():
     torch.testing.assert_close(out, ref, rtol=0, atol=0.2)  # bf16 body, fp32 head: close, not equal
 
 
+def test_head_runs_in_fp32_on_a_bf16_model_even_under_autocast():
+    """The output head of a bf16 model (and its log-softmax) is computed in fp32 from the bf16
+    values, autocast or not: the same numbers as float64 arithmetic on them, to fp32 precision."""
+    from minilab.dpo import _head_logps
+
+    model = _tiny_llama(dtype=torch.bfloat16)
+    h = torch.randn(6, 32).to(torch.bfloat16)  # (N, D)
+    targets = torch.randint(0, V, (6,))
+    want = torch.log_softmax(h.double() @ model.lm_head.weight.double().T, -1)[torch.arange(6), targets]
+    for amp in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            got = _head_logps(model, h, targets)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
 def test_scoring_input_errors():
     model = _tiny_llama()
     b = _batch([3, 2], [1, 1, 1])
@@ -256,3 +272,15 @@ def test_rpo_adds_the_chosen_nll_per_token():
     assert m["nll/chosen"].item() == pytest.approx(2.0) and m["loss/dpo"].item() == pytest.approx(math.log(2))
     with pytest.raises(ValueError, match="chosen_lengths"):
         dpo_loss(pc, pr, pc, pr, rpo_alpha=0.5)
+
+
+def test_pair_weights_scale_each_pairs_loss():
+    # margins 0 and 2 (beta 1): losses ln 2 = 0.6931 and -log sigmoid(2) = 0.1269; weights 2 and 0.5
+    pc, pr = torch.tensor([0.0, 2.0]), torch.tensor([0.0, 0.0])
+    zeros = torch.zeros(2)
+    w = torch.tensor([2.0, 0.5])
+    loss, m = dpo_loss(pc, pr, zeros, zeros, beta=1.0, weights=w)
+    expected = (2.0 * math.log(2) + 0.5 * -math.log(1 / (1 + math.exp(-2.0)))) / 2  # 0.7249
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and m["loss/dpo"].item() == pytest.approx(expected, rel=1e-6)
+    unweighted, _ = dpo_loss(pc, pr, zeros, zeros, beta=1.0, weights=torch.ones(2))
+    assert unweighted.item() == pytest.approx(dpo_loss(pc, pr, zeros, zeros, beta=1.0)[0].item())

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from minilab.chat import ChatTokenizer
-from minilab.llama import KVCache, LlamaConfig, LlamaForCausalLM, load_llama, rope_inv_freq
+from minilab.llama import KVCache, LlamaConfig, LlamaForCausalLM, apply_rotary, load_llama, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,6 +103,60 @@ def test_logits_match_transformers(tmp_path, tied):
     # hidden_states + lm_head is the same computation split in two (DPO uses it)
     with torch.no_grad():
         torch.testing.assert_close(ours.lm_head(ours.hidden_states(x)), got, atol=0, rtol=0)
+
+
+def test_bf16_weights_match_transformers_in_bf16(tmp_path):
+    """load_llama(dtype=bf16) computes what transformers computes in bf16 (RMSNorm statistics and
+    rotary angles in fp32, the rest in bf16): both are as far from the fp32 logits as each other,
+    and within bf16 tolerance of each other (10% of the logits' RMS; the attention kernels round
+    differently, the rest is the same arithmetic)."""
+    hf = hf_model()
+    ours, _ = load_llama(str(save(hf, tmp_path / "ckpt")), dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    x = ids(3, 17)
+    with torch.no_grad():
+        want = hf(x).logits  # fp32
+        got = ours(x)
+        theirs = hf.to(torch.bfloat16)(x).logits
+    assert got.dtype == torch.bfloat16
+    ours_err, theirs_err = (got.float() - want).abs(), (theirs.float() - want).abs()
+    assert ours_err.mean() <= 1.1 * theirs_err.mean() and ours_err.max() <= 1.25 * theirs_err.max()
+    rms = want.pow(2).mean().sqrt().item()
+    torch.testing.assert_close(got.float(), theirs.float(), rtol=0, atol=0.1 * rms)
+
+
+def test_bf16_model_keeps_norm_statistics_and_rotary_angles_in_fp32():
+    """In a bf16 model the rotary frequencies and angles stay fp32 (a bf16 angle at position 4000
+    would be off by up to 8 radians) and RMSNorm's mean of squares is taken in fp32; the outputs are
+    bf16 and within two bf16 roundings (2^-7 relative) of the exact float64 values."""
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    rot = model.model.rotary_emb
+    assert rot.inv_freq.dtype == torch.float32  # a plain tensor, not a buffer: .to(bf16) leaves it
+    pos = torch.tensor([[0, 1, 1000, 4000]])
+    cos, sin = rot(pos)  # (1, 4, hd)
+    angles = pos.double()[..., None] * rope_inv_freq(cfg).double()  # (1, 4, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    assert cos.dtype == torch.float32
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=1e-3)
+    q = torch.randn(1, 4, 4, cfg.head_dim).to(torch.bfloat16)  # (B, H, T, hd)
+    rotated = apply_rotary(q, cos, sin)
+    assert rotated.dtype == torch.bfloat16
+    qd = q.double()
+    half = cfg.head_dim // 2
+    want = qd * angles.cos()[:, None] + torch.cat([-qd[..., half:], qd[..., :half]], dim=-1) * angles.sin()[:, None]
+    torch.testing.assert_close(rotated.double(), want, rtol=0, atol=2**-7 * want.abs().max().item())
+    norm = model.model.norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, cfg.hidden_size))
+    x = (300 * torch.randn(3, cfg.hidden_size)).to(torch.bfloat16)  # squares ~1e5: coarse in bf16
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    xd = x.double()
+    want = xd / (xd.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps).sqrt() * norm.weight.double()
+    torch.testing.assert_close(y.double(), want, rtol=2**-7, atol=0)
 
 
 def test_module_names_mirror_transformers(tmp_path):

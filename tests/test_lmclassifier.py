@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from minilab.chat import ChatTokenizer
-from minilab.lmclassifier import (PromptBuilder, PromptFormat, answer_token_ids, classify, dpo_batches, dpo_pairs,
-                                  greedy_batch, map_answer)
+from minilab.lmclassifier import (PromptBuilder, PromptFormat, answer_token_ids, balance_pairs, classify, dpo_batches,
+                                  dpo_pairs, greedy_batch, map_answer, pair_weights)
 from minilab.tasks import TASKS
 
 
@@ -31,8 +31,8 @@ def test_prefix_plus_example_equals_the_whole_chat(smol_tokenizer):
 
 def test_long_text_is_cut_from_the_stated_side(smol_tokenizer):
     text = " ".join(f"word{i}" for i in range(200))
-    right = PromptBuilder(smol_tokenizer, PromptFormat("Q?", ["a", "b"], max_text_tokens=10, truncate_side="right"))
-    left = PromptBuilder(smol_tokenizer, PromptFormat("Q?", ["a", "b"], max_text_tokens=10, truncate_side="left"))
+    right = PromptBuilder(smol_tokenizer, PromptFormat("Q?", ["a", "b"], max_text_tokens=10, keep="head"))
+    left = PromptBuilder(smol_tokenizer, PromptFormat("Q?", ["a", "b"], max_text_tokens=10, keep="tail"))
     tail = len(right.tail)
     assert len(right.example(text)) == 10 + tail and smol_tokenizer.decode(right.example(text)[:10]).startswith("word0")
     assert "word199" in smol_tokenizer.decode(left.example(text)[:10])
@@ -119,3 +119,72 @@ def test_dpo_batches_hold_chosen_then_rejected():
     b = batches[0]
     assert b["answer_ids"].shape == (6, 3) and b["prompt_ids"].shape == (3, 3)
     assert (b["prompt_mask"][:, -1] == 1).all()  # left padded: every prompt ends in the last column
+
+
+def _full_recompute_greedy(model, ids: list[int], max_new: int, stop_ids) -> list[int]:
+    """The plainest greedy decoder: no cache, the whole sequence rerun for every new token."""
+    out = []
+    for _ in range(max_new):
+        tok = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+        if tok in stop_ids:
+            break
+        out.append(tok)
+    return out
+
+
+def test_classify_one_prefill_equals_separate_scoring_and_decoding():
+    """classify scores and decodes from ONE prefill per batch; that must change nothing: the same
+    scores as the plain "prefix + prompt + answer" scoring, the same predictions, and the same
+    texts as a no-cache greedy decoder, for ragged prompts split over several batches."""
+    from minilab.dpo import answer_logps_separate
+    from minilab.lmclassifier import left_pad, right_pad
+
+    model = _tiny_model()
+    with torch.no_grad():  # default init barely looks at positions or context: make both matter
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(3)
+    prefix = [5, 6, 7, 8]
+    prompts = [torch.randint(4, 50, (n,), generator=g).tolist() for n in (6, 2, 9, 4, 3)]
+    answers = [[20, 3], [21, 22, 3], [23, 3]]  # K = 3, ragged
+    K, tok = len(answers), _Tok()
+    # stop at an id the tiny model does say, so that rows end at different lengths
+    first = [_full_recompute_greedy(model, prefix + p, 1, ())[0] for p in prompts]
+    tok.eot_ids = (first[1],)
+    preds, scores, texts = classify(model, tok, prefix, prompts, answers, "cpu", torch.no_grad(), batch_size=2, gen_tokens=7)
+
+    p_ids, p_mask = left_pad([prefix + p for p in prompts], 0)
+    a_ids, a_mask = right_pad(answers * len(prompts), 0)
+    with torch.no_grad():
+        want = answer_logps_separate(model, p_ids, p_mask, a_ids, a_mask).view(len(prompts), K)
+    torch.testing.assert_close(torch.tensor(scores), want, rtol=0, atol=1e-5)
+    assert preds == want.argmax(1).tolist()
+    with torch.no_grad():
+        want_texts = [tok.decode(_full_recompute_greedy(model, prefix + p, 7, tok.eot_ids)) for p in prompts]
+    assert texts == want_texts
+    assert texts[1] == "" and any(len(t.split()) == 7 for t in texts)  # one row stops at once, another runs to the end
+
+
+def test_balance_pairs_gives_every_label_the_same_pairs_per_epoch():
+    labels = [1] * 9 + [0] * 3  # three quarters ones, sorted by label (the worst file order)
+    pairs = dpo_pairs(labels, 2, all_wrong=True, seed=0)
+    balanced = balance_pairs(pairs, 2, max_pairs=None, seed=0)
+    per_label = [sum(y == k for _, y, _ in balanced) for k in (0, 1)]
+    assert per_label == [9, 9]  # the minority's 3 pairs each repeated 3 times, the majority's 9 once
+    assert sorted({i for i, y, _ in balanced if y == 0}) == [9, 10, 11] and len({i for i, _, _ in balanced}) == 12
+    assert [y for _, y, _ in balanced] != sorted(y for _, y, _ in balanced)  # shuffled, not label-sorted
+    # --max-pairs samples across labels instead of cutting the (sorted) file's head
+    capped = balance_pairs(pairs, 2, max_pairs=4, seed=0)
+    assert sorted(y for _, y, _ in capped) == [0, 0, 1, 1]
+    prop = balance_pairs(pairs, 2, max_pairs=8, seed=0, oversample=False)
+    assert sorted(y for _, y, _ in prop) == [0, 0, 1, 1, 1, 1, 1, 1]
+
+
+def test_pair_weights_are_inverse_label_frequency_with_mean_one():
+    pairs = dpo_pairs([1, 1, 1, 0], 2, all_wrong=True, seed=0)
+    w = pair_weights(pairs)
+    # counts 3 and 1: raw weights 1/3 and 1, sum 2 over 4 pairs -> scale 2: 2/3 per one, 2 for the zero
+    assert w == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
+    assert sum(w) / len(w) == pytest.approx(1.0)
+    assert sum(x for x, (_, y, _) in zip(w, pairs) if y == 1) == pytest.approx(w[3])  # each label the same total

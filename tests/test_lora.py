@@ -149,6 +149,106 @@ def test_bad_input_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# A bf16 base under fp32 adapters
+# ---------------------------------------------------------------------------------------------
+
+# bf16 keeps 8 significant bits: one rounding is off by up to 2^-8 = 0.4% of the value, and a
+# network rounds at every layer. The bf16 tolerances below are stated relative to the size of the
+# outputs: 2% of the largest value for one layer, 10% of the logits' RMS for a whole (tiny) model.
+BF16_LAYER_RTOL, BF16_MODEL_RTOL = 0.02, 0.10
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("amp", [False, True], ids=["no-autocast", "autocast"])
+def test_lora_on_a_bf16_base(x_dtype, amp):
+    """A bf16 base with fp32 A, B: works with fp32 or bf16 inputs, with or without autocast, comes
+    out in the base's dtype, and matches the all-fp32 layer within bf16 rounding."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12)
+    ref = LoRALinear(lin, r=4, alpha=8)
+    nn.init.normal_(ref.lora_B.weight)
+    layer = LoRALinear(nn.Linear(16, 12).to(torch.bfloat16), r=4, alpha=8)
+    with torch.no_grad():
+        layer.base_layer.load_state_dict(lin.state_dict())  # copy_ rounds to bf16
+        layer.lora_A.weight.copy_(ref.lora_A.weight)
+        layer.lora_B.weight.copy_(ref.lora_B.weight)
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        y = layer(x.to(x_dtype))
+    assert y.dtype == torch.bfloat16
+    want = ref(x.to(x_dtype).float())  # the same input values, all in fp32
+    torch.testing.assert_close(y.float(), want, rtol=0, atol=BF16_LAYER_RTOL * want.abs().max().item())
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.abs().sum() > 0
+    assert layer.base_layer.weight.grad is None
+
+
+def test_lora_update_on_a_bf16_base_is_computed_in_fp32():
+    """Without autocast, B A x runs in fp32 and is rounded to bf16 once, at the end: with a zero
+    base weight the output is exactly the fp32 update rounded (bf16 matmuls would round twice)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 32, bias=False).to(torch.bfloat16), r=8, alpha=16)
+    nn.init.zeros_(layer.base_layer.weight)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    want = (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T * layer.scaling).to(torch.bfloat16)
+    assert torch.equal(layer(x), want)
+
+
+def _llama_fp32_and_bf16_base(seed=0):
+    """The same tiny llama twice, fp32 and with its base in bf16, with identical fp32 adapters."""
+    llama = pytest.importorskip("minilab.llama")
+    torch.manual_seed(seed)
+    cfg = llama.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    fp32 = llama.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # default init gives near-constant logits; spread them so errors show
+        for p in fp32.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.15)
+    bf16 = llama.LlamaForCausalLM(cfg)
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.to(torch.bfloat16)  # the frozen base only: LoRA comes after, as in train_dpo.py
+    for m in (fp32, bf16):
+        apply_lora(m, r=4, alpha=8, dropout=0.0, include_mlp=True)
+    _randomise_B(fp32)
+    with torch.no_grad():
+        for a, b in zip(lora_layers(fp32).values(), lora_layers(bf16).values()):
+            b.lora_A.weight.copy_(a.lora_A.weight)
+            b.lora_B.weight.copy_(a.lora_B.weight)
+    return fp32, bf16
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["no-autocast", "autocast"])
+def test_bf16_base_with_fp32_lora_matches_the_fp32_model(amp):
+    """apply_lora on a bf16 llama makes fp32 adapters; the model's logits and the adapters'
+    gradients match the all-fp32 model within bf16 tolerance, and an AdamW step keeps fp32 state."""
+    fp32, bf16 = _llama_fp32_and_bf16_base()
+    assert {p.dtype for n, p in bf16.named_parameters() if ".lora_" not in n} == {torch.bfloat16}
+    trainable = [p for p in bf16.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * 2 and all(p.dtype == torch.float32 for p in trainable)  # A, B x 7 modules x 2 layers
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
+    want = fp32(ids)  # (B, T, V) fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        got = bf16(ids)
+    assert got.dtype == torch.bfloat16
+    rms = want.pow(2).mean().sqrt().item()
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=BF16_MODEL_RTOL * rms)
+    # gradients: every adapter gets one, in fp32, pointing the same way as the fp32 model's
+    want.logsumexp(-1).sum().backward()
+    got.float().logsumexp(-1).sum().backward()
+    pairs = [(p32, p16) for p32, p16 in zip(fp32.parameters(), bf16.parameters()) if p16.requires_grad]
+    for p32, p16 in pairs:
+        assert p16.grad is not None and p16.grad.dtype == torch.float32 and p16.grad.abs().sum() > 0
+        cos = torch.nn.functional.cosine_similarity(p16.grad.flatten(), p32.grad.flatten(), dim=0)
+        assert cos > 0.99
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    opt.step()
+    assert all(s.dtype == torch.float32 for st in opt.state.values() for s in (st["exp_avg"], st["exp_avg_sq"]))
+
+
+# ---------------------------------------------------------------------------------------------
 # PEFT format
 # ---------------------------------------------------------------------------------------------
 

@@ -162,7 +162,8 @@ def lab(tmp_path_factory, shared_data) -> Path:
     procs = []
     if (REPO / "baseline.py").is_file():
         procs.append(("baseline.py", subprocess.Popen(
-            [sys.executable, "baseline.py", "--task", TASK, "--data", str(data), "--out", str(out)],
+            [sys.executable, "baseline.py", "--task", TASK, "--data", str(data), "--out", str(out),
+             "--save-dir", str(root / "runs" / "baseline")],
             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     procs.append(("train_bert.py", subprocess.Popen(
         [sys.executable, "train_bert.py", "--task", TASK, "--model", str(model), "--data", str(data), "--epochs", "1",

