@@ -1,13 +1,12 @@
 """Interrupt a real training run and resume it: is the result the uninterrupted run's?
 
-    python bench/bench_resume.py --script train_dpo.py --task sst2 --signal TERM --at 200
-    python bench/bench_resume.py --script train_bert.py --task sst2 --signal KILL --at 300
+    python bench/bench_resume.py --script train_dpo.py --task sst2 --stops TERM@130,KILL@270 -- --data ../shared/data/sst2
+    python bench/bench_resume.py --script train_bert.py --task sst2 --stops KILL@300 -- --data ../shared/data/sst2
 
-Runs the script three ways with the same seed and options: uninterrupted (or `--reference DIR`,
-an uninterrupted run's output folder from an earlier call); interrupted by a real signal sent from
-outside once its metrics log reaches optimizer step `--at` (SIGTERM: the run saves a checkpoint
-and stops; SIGKILL: the run dies at once and keeps its last checkpoint); and resumed with
-`--resume`. Prints a table: test accuracy and macro-F1 of both, whether every test prediction and
+Runs the script with the same seed and options uninterrupted (or takes `--reference`, a run made
+earlier, e.g. by `make lab`), then again, interrupted by real signals sent from outside once its
+metrics log reaches the given optimizer steps (SIGTERM: the run saves a checkpoint and stops;
+SIGKILL: the run dies at once and keeps its last checkpoint), each time resumed with `--resume`. Prints a table: test accuracy and macro-F1 of both, whether every test prediction and
 the saved weights are identical, the steps the resumed run redid, what one checkpoint costs (seconds
 and MB), and the seconds the kept reference log-probabilities saved the resumed DPO run.
 """
@@ -55,14 +54,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--script", choices=["train_dpo.py", "train_bert.py"], required=True)
     p.add_argument("--task", default="sst2")
-    p.add_argument("--signal", choices=["TERM", "KILL", "INT"], default="TERM")
-    p.add_argument("--at", type=int, required=True, help="send the signal once the run's log reaches this step")
+    p.add_argument("--stops", required=True,
+                   help="signals and the logged step at which each is sent, in order: e.g. TERM@200 or TERM@130,KILL@270 "
+                        "(each interrupted run is resumed with --resume)")
     p.add_argument("--out", default="runs/bench-resume")
     p.add_argument("--reference", nargs=2, metavar=("RESULTS_JSON", "SAVED_DIR"), default=None,
                    help="an uninterrupted run made with the same options (e.g. by `make lab`): its results file and "
                         "model/adapter folder; skips running it again")
     p.add_argument("extra", nargs="*", help="options for the script, after --")
     args = p.parse_args()
+    stops = [(s.split("@")[0].upper(), int(s.split("@")[1])) for s in args.stops.split(",")]
     kind = "dpo" if args.script == "train_dpo.py" else "bert"
     name = "llama" if kind == "dpo" else "bert"
     root = Path(args.out) / f"{kind}-{args.task}"
@@ -78,23 +79,29 @@ def main() -> int:
         if code:
             return code
 
-    cut = root / f"sig{args.signal}-at-{args.at}"
+    cut = root / "-".join(f"{sig}@{at}" for sig, at in stops)
     cut.mkdir(parents=True, exist_ok=True)
-    proc = launch(args.script, args.task, cut, args.extra)
-    while proc.poll() is None and last_step(cut / "ck" / "metrics.jsonl") < args.at:
-        time.sleep(0.5)
-    sent = last_step(cut / "ck" / "metrics.jsonl")
-    proc.send_signal(getattr(signal, f"SIG{args.signal}"))
-    code = proc.wait()
-    latest = (cut / "ck" / "latest").read_text().strip() if (cut / "ck" / "latest").is_file() else None
-    mb = sum(f.stat().st_size for f in (cut / "ck" / latest).iterdir()) / 2**20 if latest else 0.0
-    print(f"SIG{args.signal} sent at logged step {sent}: exit {code}; latest checkpoint {latest} ({mb:.1f} MB)")
-
+    extra, seconds, costs = list(args.extra), [], []
+    for sig, at in stops:  # run until the log reaches `at`, send the signal, then resume
+        t0 = time.time()
+        proc = launch(args.script, args.task, cut, extra)
+        while proc.poll() is None and last_step(cut / "ck" / "metrics.jsonl") < at:
+            time.sleep(0.5)
+        sent = last_step(cut / "ck" / "metrics.jsonl")
+        proc.send_signal(getattr(signal, f"SIG{sig}"))
+        code = proc.wait()
+        seconds.append(time.time() - t0)
+        latest = (cut / "ck" / "latest").read_text().strip() if (cut / "ck" / "latest").is_file() else None
+        mb = sum(f.stat().st_size for f in (cut / "ck" / latest).iterdir()) / 2**20 if latest else 0.0
+        costs.append(mb)
+        print(f"SIG{sig} sent at logged step {sent}: exit {code} after {seconds[-1]:.0f}s; latest checkpoint {latest} ({mb:.1f} MB)")
+        extra = [*args.extra, "--resume"]
     t0 = time.time()
-    code = launch(args.script, args.task, cut, [*args.extra, "--resume"]).wait()
-    print(f"resumed run: exit {code} in {time.time() - t0:.0f}s")
+    code = launch(args.script, args.task, cut, extra).wait()
+    print(f"last resumed run: exit {code} in {time.time() - t0:.0f}s")
     if code:
         return code
+    mb = max(costs)
 
     a, b = outcome(ref_results, ref_saved, kind), outcome(cut / "results" / args.task / f"{name}.json", cut / "saved", kind)
     ra, rb = a["results"], b["results"]
@@ -105,7 +112,7 @@ def main() -> int:
     per_ck = ck.get("seconds", 0) / max(1, ck.get("written", 0))
     rows = [["uninterrupted", f"{ra['fine_tuned']['accuracy']:.4f}", f"{ra['fine_tuned']['macro_f1']:.4f}", "-", "-",
              f"{ra['train_seconds']:.0f}", str((ra.get('reference_logps') or {}).get('seconds', '-'))],
-            [f"SIG{args.signal} at {sent} + resume", f"{rb['fine_tuned']['accuracy']:.4f}", f"{rb['fine_tuned']['macro_f1']:.4f}",
+            [" + ".join(f"SIG{sig}@{at}" for sig, at in stops) + " + resume", f"{rb['fine_tuned']['accuracy']:.4f}", f"{rb['fine_tuned']['macro_f1']:.4f}",
              str(same_preds), str(same_weights), f"{rb['train_seconds']:.0f}",
              str((rb.get('reference_logps') or {}).get('seconds', '-'))]]
     print(markdown_table(["run", "test accuracy", "macro-F1", "same predictions", "same weights", "train s", "reference log-probs s"], rows))
