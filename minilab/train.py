@@ -530,5 +530,7 @@ def train_config_from_args(args, preset: dict) -> TrainConfig:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
+    if getattr(args, "epochs", None) is not None and getattr(args, "max_steps", None) is None:
+        values["max_steps"] = None  # --epochs given: it, not the preset's step count, sets the length
     values["progress"] = not getattr(args, "no_progress", False)
     return TrainConfig(**values)

@@ -22,7 +22,7 @@ def trained(tmp_path_factory, tiny_steam, tiny_bert, tiny_llama):
         "baseline": ["baseline.py", *common, "--save-dir", str(out / "baseline")],
         "bert": ["train_bert.py", *common, "--model", str(tiny_bert), "--epochs", "1", "--batch-size", "8",
                  "--save-dir", str(out / "bert"), "--checkpoint-dir", str(out / "bert-ck"), "--no-progress"],
-        "llama": ["train_dpo.py", *common, "--model", str(tiny_llama), "--max-pairs", "16", "--batch-size", "4",
+        "llama": ["train_dpo.py", *common, "--model", str(tiny_llama), "--epochs", "1", "--max-pairs", "16", "--batch-size", "4",
                   "--test-limit", "24", "--eval-limit", "8", "--max-new-tokens", "2", "--stream-examples", "1",
                   "--lr", "1e-3", "--save-dir", str(out / "llama"), "--checkpoint-dir", str(out / "llama-ck"),
                   "--ref-cache", str(out / "ref"), "--no-progress"],

@@ -38,7 +38,7 @@ TASK = "steam"
 ROWS = {"train": 60, "dev": 20, "test": 20}
 # The arguments for a tiny run of train_dpo.py (after the data/output arguments), to be set once
 # it exists; until then the LLaMA row comes only from the tiny DPO run below.
-DPO_ARGS: list[str] | None = ["--max-pairs", "16", "--batch-size", "4", "--test-limit", "8", "--eval-limit", "8",
+DPO_ARGS: list[str] | None = ["--epochs", "1", "--max-pairs", "16", "--batch-size", "4", "--test-limit", "8", "--eval-limit", "8",
                                "--eval-every", "2", "--max-new-tokens", "3", "--lr", "1e-3", "--no-progress"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 

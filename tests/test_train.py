@@ -292,3 +292,17 @@ def test_resume_with_a_changed_config_is_refused_by_name(tmp_path):
     _ckpt_run(tmp_path, steps=3)
     with pytest.raises(ValueError, match=r"from a different run \(lr: 0.01 -> 0.02; seed: None -> 1\)"):
         Checkpointer(tmp_path / "ck", {"lr": 2e-2, "seed": 1}, resume=True)
+
+
+def test_epochs_on_the_command_line_override_the_presets_step_count():
+    import argparse
+
+    from minilab.train import add_train_args, train_config_from_args
+
+    preset = {"epochs": 1, "max_steps": 400}
+    p = argparse.ArgumentParser()
+    add_train_args(p, **preset)
+    assert train_config_from_args(p.parse_args([]), preset).max_steps == 400
+    cfg = train_config_from_args(p.parse_args(["--epochs", "2"]), preset)
+    assert cfg.max_steps is None and cfg.epochs == 2
+    assert train_config_from_args(p.parse_args(["--epochs", "2", "--max-steps", "5"]), preset).max_steps == 5
