@@ -73,7 +73,7 @@ class Tracker:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.lines += 1
-        if self.run is not None and kind != "config":
+        if self.run is not None and kind not in ("config", "summary"):  # a summary goes to run.summary instead
             flat = {f"{kind}/{k}" if "/" not in k else k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             self.run.log(flat, step=step)
 
