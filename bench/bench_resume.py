@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from common import markdown_table  # noqa: E402
+from minilab.report import markdown_table  # noqa: E402
 
 
 def launch(script: str, task: str, out: Path, extra: list[str]) -> subprocess.Popen:

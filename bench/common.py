@@ -1,4 +1,5 @@
-"""Helpers shared by the speed benchmarks: timing rounds, a Markdown table, and the JSON record.
+"""Helpers shared by the speed benchmarks: timing rounds, the machine, and the JSON record (the
+Markdown table, memory and data defaults are the package's: minilab.report, .results, .data).
 
 A benchmark here compares two stacks that train the same model on the same batches. The CPU may
 be shared with other work, so a slow second hits whichever stack happens to be running: the
@@ -19,60 +20,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python bench/bench_x.py` from anywhere
     sys.path.insert(0, str(REPO))
-
-
-def default_data(task: str) -> str | None:
-    """$MINILAB_DATA/<task>, else ../shared/data/<task> beside the repository, else None."""
-    roots = [os.environ.get("MINILAB_DATA"), str(REPO.parent / "shared" / "data")]
-    for root in roots:
-        if root and (Path(root) / task).is_dir():
-            return str(Path(root) / task)
-    return None
-
-
-def current_rss_mb() -> float:
-    """Resident memory of this process right now (Linux /proc), in MiB; 0.0 where unavailable."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-class PeakRss:
-    """Highest resident memory seen while the `with` block runs, sampled by a background thread.
-
-    torch allocates outside Python's allocator, so tracemalloc sees nothing; the process RSS
-    does. `growth_mb` is the peak minus the RSS at entry: what the block needed on top of what
-    was already resident (models, data). Sampling every 5 ms can miss a very short spike.
-    """
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.start_mb = self.peak_mb = 0.0
-
-    def __enter__(self):
-        import threading
-
-        self.start_mb = self.peak_mb = current_rss_mb()
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.wait(self.interval):
-                self.peak_mb = max(self.peak_mb, current_rss_mb())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, current_rss_mb())
-
-    @property
-    def growth_mb(self) -> float:
-        return self.peak_mb - self.start_mb
 
 
 def load_warning(threads: int) -> str | None:
@@ -106,19 +53,6 @@ class Stopwatch:
     @property
     def rate(self) -> float:
         return self.examples / max(self.seconds, 1e-9)
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
-
-    cells = [[cell(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 
 
 def machine() -> dict:

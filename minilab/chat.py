@@ -12,14 +12,14 @@ the model sees. The format is picked from the vocabulary's special tokens:
     ChatML:   <|im_start|>user\nHi<|im_end|>\n...                          (SmolLM2, Qwen)
 
 Templates also add a default system turn, which we copy: LLaMA-3.1/3.2 always open with a system
-block stating a knowledge cut-off and today's date; SmolLM2 inserts "You are a helpful AI assistant
+block stating a knowledge cut-off and a date (we write a fixed one, `LLAMA3_DATE`, so that a seeded
+run's prompts are the same every day); SmolLM2 inserts "You are a helpful AI assistant
 named SmolLM..." when the conversation has no system message. The tests compare our ids with
 transformers' `apply_chat_template` on the same tokenizer.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import re
 from pathlib import Path
@@ -27,6 +27,9 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 LLAMA3_KNOWLEDGE_CUTOFF = "December 2023"
+# The "Today Date" we write: the template's own fallback when it has no clock (a fixed date, so that
+# prompts, and a seeded run, do not change from day to day).
+LLAMA3_DATE = "26 Jul 2024"
 
 # Pre-tokeniser splits for the byte-level GGUF vocabularies we know, by `tokenizer.ggml.pre`.
 # llama.cpp names the regex the vocabulary's merges were trained with; the same regex must split
@@ -217,7 +220,9 @@ class ChatTokenizer:
         """The conversation as the model's chat template writes it: a string, or ids if `tokenize`.
 
         messages: [{"role": "system"|"user"|"assistant", "content": str}, ...].
-        date_string: the "Today Date" of LLaMA-3.1/3.2's system block (default: today, "%d %b %Y").
+        date_string: the "Today Date" of LLaMA-3.1/3.2's system block (default `LLAMA3_DATE`, fixed:
+            transformers would write today's date, which changes the prompts, and so a seeded run's
+            tokens, from one day to the next).
         """
         if self.chat_format == "llama3":
             text = self._llama3(messages, add_generation_prompt, date_string)
@@ -246,7 +251,7 @@ class ChatTokenizer:
             system = ""
             if messages and messages[0]["role"] == "system":
                 system, messages = messages[0]["content"].strip(), messages[1:]
-            date = date_string or _dt.date.today().strftime("%d %b %Y")
+            date = date_string or LLAMA3_DATE
             turn("system", f"Cutting Knowledge Date: {LLAMA3_KNOWLEDGE_CUTOFF}\nToday Date: {date}\n\n{system}")
         for m in messages:
             turn(m["role"], m["content"].strip())  # the template trims each message

@@ -65,13 +65,26 @@ class TaskData:
 # Finding the split files
 
 
-def default_data(task: str | TaskSpec) -> str:
-    """Where `--data` points when it is not given: $MINILAB_DATA/<task>, else the task's Hub id."""
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # beside the repository, as in the Makefile
+
+
+def data_root() -> Path | None:
+    """The folder holding one data folder per task: $MINILAB_DATA, else shared/data beside the
+    repository; None when it does not exist. The scripts, the benchmarks and the tests all use it."""
+    root = Path(os.environ.get("MINILAB_DATA") or SHARED_DATA).expanduser()
+    return root if root.is_dir() else None
+
+
+def default_data(task: str | TaskSpec, hub: bool = True) -> str | None:
+    """Where `--data` points when it is not given: <data_root()>/<task>, else the task's Hub id
+    (with `hub=False`, as the benchmarks want: None instead of the Hub id or the error)."""
     spec = task if isinstance(task, TaskSpec) else get_task(task)
     task = task.name if isinstance(task, TaskSpec) else task
-    root = os.environ.get("MINILAB_DATA")
-    if root and (Path(root) / task).is_dir():
-        return str(Path(root) / task)
+    root = data_root()
+    if root and (root / task).is_dir():
+        return str(root / task)
+    if not hub:
+        return None
     if spec and spec.hub_id:
         return spec.hub_id
     raise DataError(f"no data for task {task!r}: pass --data DIR (a folder with train/dev/test files) or set MINILAB_DATA")
@@ -339,7 +352,7 @@ def load_task(
 
 def add_data_args(parser) -> None:
     """The data and task-spec options every script shares (see minilab/tasks.py for the fields)."""
-    parser.add_argument("--data", default=None, help="a folder of train/dev/test files or a Hub dataset id (default: $MINILAB_DATA/<task> or the task's Hub id)")
+    parser.add_argument("--data", default=None, help="a folder of train/dev/test files or a Hub dataset id (default: $MINILAB_DATA/<task>, else ../shared/data/<task>, else the task's Hub id)")
     parser.add_argument("--task", default=None, help="task registry name (steam, sst2, emotion) or a new name; default: the data folder's name, else steam")
     parser.add_argument("--task-file", default=None, help="a TOML or JSON task spec (columns, label names, answers, question, metric)")
     parser.add_argument("--text-col", default=None, help="the column holding the text (default from the task, else 'text')")

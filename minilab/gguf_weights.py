@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from minilab.chat import ChatTokenizer
-from minilab.llama import LlamaConfig, model_from_tensors, save_llama
+from minilab.llama import LlamaConfig
 
 # llama.cpp tensor name -> Hub tensor name; per-block names take the layer index.
 GGUF_TO_HUB = {
@@ -139,19 +139,3 @@ def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], C
     if unknown:
         raise ValueError(f"{path} holds tensors minilab does not know: {', '.join(unknown[:8])}")
     return config, tensors, ChatTokenizer.from_gguf_metadata(meta)
-
-
-def load_gguf(path: str | Path, dtype=torch.float32):
-    """(LlamaForCausalLM, ChatTokenizer) from a GGUF file."""
-    config, tensors, tokenizer = read_gguf(path)
-    return model_from_tensors(config, tensors, dtype, source=str(path)), tokenizer
-
-
-def save_gguf_as_safetensors(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a Hub-layout folder (config.json, model.safetensors, tokenizer.json, ...) from a GGUF.
-
-    transformers-based tools (TRL, PEFT) then load the dequantised fp32 model with a plain
-    `from_pretrained(out_dir)`, so they and minilab run on the very same weights.
-    """
-    model, tokenizer = load_gguf(gguf_path)
-    return save_llama(model, tokenizer, out_dir)

@@ -98,18 +98,3 @@ def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: list[st
             f"cannot download {what} {repo_id!r} from the Hugging Face Hub ({type(e).__name__}): "
             f"check your connection, or pass {local_hint}"
         ) from e
-
-
-def _names(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def check_tensor_names(source, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> None:
-    """One ValueError naming every missing, unexpected or wrongly shaped tensor of a checkpoint,
-    so that a wrong checkpoint is caught at load time rather than as garbage outputs."""
-    problems = [f"{what}: {_names(names)}" for what, names in
-                (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", wrong_shape)) if names]
-    if problems:
-        raise ValueError(f"checkpoint {source} does not match its config.json (re-download it, or fix config.json): "
-                         + "; ".join(problems))

@@ -1,5 +1,5 @@
 """LLaMA (3.x) decoder, written out by hand: config, RMSNorm, rotary embeddings, GQA attention,
-SwiGLU MLP, a KV cache, and a loader for Hub checkpoints (safetensors) or GGUF files.
+SwiGLU MLP and a KV cache. Hub checkpoints (safetensors) and GGUF files are read by `minilab/weights.py`.
 
 The module names mirror Hugging Face's `LlamaForCausalLM` exactly
 (`model.layers.3.self_attn.q_proj`, `model.layers.3.mlp.down_proj`, `lm_head`, ...). That is not
@@ -24,8 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from minilab.hub import check_tensor_names
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -377,120 +375,3 @@ class LlamaForCausalLM(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, V) logits. attention_mask: (B, past + T), 1 = real token, 0 = padding."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
-
-
-def hub_key_map(config: LlamaConfig) -> dict[str, str]:
-    """Hub tensor name -> minilab parameter name, spelled out for every tensor we expect.
-
-    The two sides happen to be equal because the modules mirror HF's names; the map still states
-    exactly which tensors a checkpoint must hold, which is what the loader checks against.
-    """
-    m = {"model.embed_tokens.weight": "model.embed_tokens.weight", "model.norm.weight": "model.norm.weight"}
-    proj = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for name in proj:
-            m[f"{p}{name}.weight"] = f"{p}{name}.weight"
-            biased = config.attention_bias if name.startswith("self_attn") else config.mlp_bias
-            if biased:
-                m[f"{p}{name}.bias"] = f"{p}{name}.bias"
-        m[f"{p}input_layernorm.weight"] = f"{p}input_layernorm.weight"
-        m[f"{p}post_attention_layernorm.weight"] = f"{p}post_attention_layernorm.weight"
-    if not config.tie_word_embeddings:
-        m["lm_head.weight"] = "lm_head.weight"
-    return m
-
-
-def model_from_tensors(config: LlamaConfig, tensors: dict[str, torch.Tensor], dtype=torch.float32,
-                       source: str = "checkpoint") -> LlamaForCausalLM:
-    """Build a model from Hub-named tensors, checking names and shapes first.
-
-    The model is created on the meta device (no random init, no memory) and each parameter is then
-    replaced by the checkpoint's tensor, so loading a 1B model costs one copy of its weights.
-    """
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    keys = hub_key_map(config)
-    ours = dict(model.named_parameters(remove_duplicate=False))
-    ignorable = {k for k in tensors if k.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
-        ignorable.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
-    missing = [k for k in keys if k not in tensors]
-    unexpected = [k for k in tensors if k not in keys and k not in ignorable]
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(ours[v].shape)})"
-             for k, v in keys.items() if k in tensors and tuple(tensors[k].shape) != tuple(ours[v].shape)]
-    check_tensor_names(source, missing, unexpected, wrong)
-    for hub_name, our_name in keys.items():
-        module_name, _, attr = our_name.rpartition(".")
-        module = model.get_submodule(module_name)
-        setattr(module, attr, nn.Parameter(tensors[hub_name].to(dtype), requires_grad=True))
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model
-
-
-def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors`, or of every shard listed in `model.safetensors.index.json`."""
-    from safetensors.torch import load_file
-
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
-                raise ValueError(f"{folder} is missing shard {shard} listed in model.safetensors.index.json: re-download it")
-            tensors.update(load_file(folder / shard))
-        return tensors
-    raise ValueError(
-        f"{folder} has no model.safetensors or model.safetensors.index.json: "
-        "minilab loads safetensors checkpoints (or a .gguf file)"
-    )
-
-
-def load_llama(name_or_path: str, dtype=torch.float32):
-    """(model, tokenizer) from a checkpoint folder, a Hub id, or a path to a `.gguf` file."""
-    from minilab.chat import ChatTokenizer
-
-    path = Path(str(name_or_path)).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ValueError(f"GGUF file {path} does not exist")
-        from minilab.gguf_weights import load_gguf
-
-        return load_gguf(path, dtype)
-    from minilab.hub import resolve_model_dir
-
-    folder = resolve_model_dir(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.jinja"])
-    config = LlamaConfig.from_pretrained(folder)
-    model = model_from_tensors(config, read_safetensors_folder(folder), dtype, source=str(folder))
-    return model, ChatTokenizer.from_folder(folder)
-
-
-def save_llama(model: LlamaForCausalLM, tokenizer, folder: str | Path) -> Path:
-    """Write a Hub-layout folder (config.json, model.safetensors, tokenizer files) that both
-    `load_llama` and transformers' `from_pretrained` read. Merge LoRA adapters first: the file
-    holds exactly the tensors of `hub_key_map`, under their Hub names."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    tensors = {hub: model.get_parameter(ours).detach().contiguous().cpu() for hub, ours in hub_key_map(config).items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = config.to_hub_dict()
-    cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    if tokenizer is not None:
-        gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.eot_ids), "pad_token_id": tokenizer.pad_id}
-        (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        tokenizer.save(folder)
-    return folder

@@ -269,7 +269,8 @@ def pair_weights(pairs: list[tuple[int, int, int]]) -> list[float]:
 def dpo_batches(pairs, prompts: list[list[int]], answers: list[list[int]], pad_id: int, batch_size: int,
                 seed: int, weights: list[float] | None = None) -> list[dict]:
     """Fixed training batches (their contents never change, so reference log-probs computed once
-    stay aligned with them): pairs grouped by prompt length, each prompt with [chosen, rejected]."""
+    stay aligned with them): pairs grouped by prompt length, each prompt with [chosen, rejected].
+    A batch's "pairs" lists which of `pairs` it holds, in row order."""
     from .train import length_grouped_batches
 
     groups = length_grouped_batches([len(prompts[i]) for i, _, _ in pairs], batch_size, seed=seed)
@@ -278,5 +279,6 @@ def dpo_batches(pairs, prompts: list[list[int]], answers: list[list[int]], pad_i
         p_ids, p_mask = left_pad([prompts[pairs[k][0]] for k in g], pad_id)
         a_ids, a_mask = right_pad([answers[lab] for k in g for lab in pairs[k][1:]], pad_id)
         batches.append({"prompt_ids": p_ids, "prompt_mask": p_mask, "answer_ids": a_ids, "answer_mask": a_mask,
-                        "n_pairs": len(g), "weights": torch.tensor([weights[k] for k in g]) if weights else None})
+                        "n_pairs": len(g), "pairs": list(g),
+                        "weights": torch.tensor([weights[k] for k in g]) if weights else None})
     return batches

@@ -84,12 +84,15 @@ def bert_logits(model, tokenizer, ids: list[list[int]], device, amp_ctx, batch_s
 
 class BertClassifier:
     def __init__(self, folder: Path, device: torch.device):
-        from .bert import load_bert_classifier
+        from .bert_fast import speed_up, use_fast
+        from .weights import load_bert_classifier
 
         meta = read_meta(folder)
         self.label_names = meta["label_names"]
         self.model, self.tokenizer = load_bert_classifier(str(folder), num_labels=len(self.label_names))
         self.model.to(device).eval()
+        if use_fast("auto", device):
+            speed_up(self.model)
         self.device, self.meta = device, meta
 
     def predict_proba(self, texts: list[str]) -> list[list[float]]:
@@ -105,7 +108,7 @@ class BertClassifier:
 class LlamaClassifier:
     def __init__(self, folder: Path, device: torch.device, base: str | None = None, dtype: str | None = None):
         from .lmclassifier import PromptBuilder, PromptFormat, answer_token_ids
-        from .llama import load_llama
+        from .weights import load_llama
         from .lora import load_adapter
 
         meta = read_meta(folder)
@@ -133,7 +136,7 @@ class LlamaClassifier:
 
     def merge(self, out: str | Path) -> Path:
         """Fold the LoRA into the base weights and write a plain Hub folder (no adapter needed)."""
-        from .llama import save_llama
+        from .weights import save_llama
         from .lora import merge_and_unload
         from .results import atomic_folder
 

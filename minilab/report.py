@@ -17,11 +17,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare import load_rows
 from .metrics import one_label_warning
+from .results import read_results
 from .tasks import get_task
 
 PICTURES = ("training_curve.png", "dpo_rewards.png", "eval_metrics.png")  # plus confusion_<name>.png
+ORDER = ("baseline", "bert", "llama")  # the table's first rows; other results files follow by name
 
 
 @dataclass
@@ -83,6 +84,14 @@ def _check_block(path: Path, payload: dict, key: str, optional: bool) -> None:
                          "delete it and rerun its step")
 
 
+def load_rows(task: str, root: str | Path = "results") -> list[tuple[str, dict]]:
+    """(name, results) of every results file of a task, baseline, bert and llama first."""
+    folder = Path(root) / task
+    names = [n for n in ORDER if (folder / f"{n}.json").is_file()]
+    names += sorted(p.stem for p in folder.glob("*.json") if p.stem not in ORDER)
+    return [(n, read_results(folder / f"{n}.json")) for n in names]
+
+
 def load_runs(task: str, root: str | Path = "results") -> list[Run]:
     """Every results file of a task (baseline, bert, llama first), each with its metrics log."""
     folder = Path(root) / task
@@ -135,11 +144,19 @@ def _cell(text, limit: int | None = None) -> str:
     return text.replace("|", "\\|")
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table padded into columns, so the same text reads well in a terminal."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, rows)])
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table padded into columns, so the same text reads well in a terminal (the lab's
+    one table maker: the report, predict and the benchmarks). A float cell gets 2 decimals (none
+    from 1000 up); anything else is printed as str() gives it."""
+    def text(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[text(v) for v in row] for row in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, cells[1:])])
 
 
 def label_names(run: Run, task: str) -> list[str]:

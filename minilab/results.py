@@ -22,10 +22,67 @@ REQUIRED = ("task", "model", "split_sizes", "zero_shot", "fine_tuned", "train_se
             "peak_rss_mb", "device", "dtype", "seed", "command")
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# --------------------------------------------------------------------------------------------
+# Memory: the resident set (RSS) of this process, in MiB. torch allocates outside Python's
+# allocator, so tracemalloc sees nothing of a model; the RSS does.
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process right now (Linux /proc); 0.0 where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark (Linux VmHWM) to the current RSS, so `peak_rss_mb()` measures from
+    here (Linux >= 4.0: writing 5 to clear_refs); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb(whole_process: bool = False) -> float:
+    """Peak resident memory of this process: since the last `reset_peak_rss()` or else since it
+    started (Linux VmHWM), or with `whole_process` over its whole life, which no reset touches
+    (getrusage's ru_maxrss; also the fallback where /proc is missing)."""
+    if not whole_process:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return kib / 1024 if platform.system() != "Darwin" else kib / 2**20
+
+
+class PeakRss:
+    """The peak resident memory while a `with` block runs (`peak_mb`), and `growth_mb`: the peak
+    minus the RSS at entry, i.e. what the block needed on top of what was already resident (models,
+    data). The high-water mark is reset at entry; where that is not possible (`exact` False) the
+    peak is the process's so far, which can only overstate the block's."""
+
+    def __enter__(self):
+        self.start_mb = current_rss_mb()
+        self.exact = reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak_mb = max(peak_rss_mb(), current_rss_mb())
+
+    @property
+    def growth_mb(self) -> float:
+        return self.peak_mb - self.start_mb
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and reading results files
 
 
 def command_line() -> str:

@@ -123,8 +123,8 @@ def to_csr(x: torch.Tensor) -> torch.Tensor:
 class _SparseMatmul(torch.autograd.Function):
     """x @ w for a sparse x and a dense trainable w, whose backward is the one sparse matmul x^T @ g.
 
-    Autograd's generic sparse path re-derives x^T on every backward call, about 100x slower than
-    this on our matrices; L-BFGS calls backward a hundred times, so we transpose x once instead.
+    Autograd's generic sparse path re-derives x^T on every backward call, which costs far more than
+    the matmul itself; L-BFGS calls backward a hundred times, so we transpose x once instead.
     """
 
     @staticmethod

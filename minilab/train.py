@@ -11,7 +11,10 @@ that is the same for every model lives here, written once:
   without bf16 (fp16's narrow range underflows small gradients without the scaling), fp32 on request,
 * evaluation every N steps, keeping the weights that scored best on dev,
 * seeding, so that a run repeats exactly,
-* a progress bar with loss and examples/s, and metrics to JSONL and Weights & Biases (`Tracker`).
+* a progress bar with loss and examples/s, and metrics to JSONL and Weights & Biases (`Tracker`),
+* several processes under torchrun (`minilab.distributed`): each rank runs its share of every
+  step's micro-batches and the gradients are summed across ranks, so N processes with
+  `--grad-accum A` train like one process with `--grad-accum N*A`; or FSDP2 for a sharded model.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import rng_state, set_rng_state
 from .tracking import Tracker
 
@@ -81,9 +85,12 @@ def set_seed(seed: int) -> None:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device asked for, else CUDA when there is one; under torchrun, a bare "cuda" means this
+    process's own GPU, cuda:LOCAL_RANK."""
+    d = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.type == "cuda" and d.index is None and distributed.env_world_size() > 1:
+        d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return d
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -120,11 +127,12 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel updates each tensor in one pass instead of a dozen elementwise foreach
-    # passes; the update is the same AdamW. It is memory-bound, so it matters: 12 ms instead of
-    # 77 ms per step for the 22.7M parameters of MiniLM on one CPU core (the word embeddings
-    # alone are 11.7M). transformers' Trainer also defaults to it. Where it does not apply
-    # (another device, integer parameters) the foreach version is next best.
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    # passes; the update is the same AdamW. The update is memory-bound, so this is several times
+    # faster on a CPU for a model with a large word embedding such as MiniLM (`make bench` measures
+    # it). transformers' Trainer also defaults to it. Where it does not apply (another device,
+    # integer parameters, FSDP's sharded DTensors) the foreach version is next best.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and not hasattr(p, "device_mesh")
+                for p in decay + no_decay)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None, foreach=None if fused else True)
 
 
@@ -163,8 +171,18 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, shuff
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the parameters that train (cheap for LoRA: only the adapters)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    """A CPU copy of the parameters that train (cheap for LoRA: only the adapters). FSDP's sharded
+    parameters are gathered whole, so under FSDP every rank must call it."""
+    return {n: distributed.full_tensor(p.detach()).to("cpu", copy=True) for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `trainable_state` values back into the model (into the shards, under FSDP)."""
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            distributed.copy_into(named[n], v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +202,13 @@ def accumulation_groups(batches: list, grad_accum: int) -> list[list]:
     micro-batches form a last, smaller step (so every micro-batch is used exactly once, and
     `grad_accum` larger than an epoch still steps once per epoch)."""
     return [batches[i : i + grad_accum] for i in range(0, len(batches), grad_accum)]
+
+
+def rank_share(n: int, rank: int, size: int) -> list[int]:
+    """Which of a step's n micro-batches rank `rank` of `size` runs: every size-th one, counted from
+    the end, so that rank 0 always runs the step's last micro-batch (whose loss metrics one process
+    would log) and, in a smaller leftover step, the high ranks are the ones left without any."""
+    return [j for j in range(n) if (n - 1 - j) % size == rank]
 
 
 class Progress:
@@ -230,20 +255,52 @@ class Trainer:
 
     `make_batches(epoch)` returns that epoch's micro-batches (the same list for the same epoch, so a
     resumed run sees the same data); `loss_fn(model, batch)` returns (mean loss, dict of floats);
-    `evaluate_fn(model)` returns a dict holding `cfg.metric`."""
+    `evaluate_fn(model)` returns a dict holding `cfg.metric`.
+
+    Several processes (torchrun, after `distributed.init`): every rank builds the same epoch of
+    micro-batches; a step takes `grad_accum` x world-size of them, and each rank runs its share
+    (`rank_share`). Two ways to combine the gradients:
+
+    * An unsharded model: the gradients are summed across ranks by hand, one all-reduce of all the
+      trainable gradients after the step's last micro-batch, rather than by wrapping the model in
+      DistributedDataParallel. Why: the model stays the model (same parameter names in checkpoints
+      and saved folders, no `.module`), a rank with no micro-batch in a smaller leftover step
+      simply contributes zeros, and it is correct for gradients that reach `.grad` any way at all
+      (BERT's word embedding once wrote its own). The cost: the all-reduce does not overlap the
+      backward pass as DDP's bucketed hooks make it, a few percent of a step on GPUs, and little on
+      a CPU, whose cores do both the arithmetic and the communication anyway.
+    * A model under FSDP2 (`distributed.shard_llama`): FSDP reduce-scatters the gradients itself
+      at the step's last micro-batch (`set_requires_gradient_sync`), and every rank must run the
+      same number of forward calls, so a rank short of micro-batches in a leftover step runs one
+      again with its loss multiplied by 0.
+
+    Either way each micro-batch's loss is divided by the step's *global* number of micro-batches, so
+    the summed gradient is the mean over the step, leftover step included. Each micro-batch reseeds
+    the random generators from (seed, epoch, micro-batch index), so its dropout is the same whichever
+    rank runs it, and the runs match up to the order of the sums (about 1e-8 in fp32). The loss
+    log, evaluation results and best-dev choice are the same on every rank; only rank 0 logs,
+    shows progress and writes checkpoints. `evaluate_fn` is called on every rank (it may split the
+    work with `distributed.shard`/`gather`, and must under FSDP)."""
 
     def __init__(self, model, make_batches, loss_fn, cfg: TrainConfig, device, evaluate_fn=None, tracker=None,
                  batch_examples: Callable[[Any], int] = len, checkpointer=None):
         self.model, self.make_batches, self.loss_fn, self.cfg = model, make_batches, loss_fn, cfg
         self.device, self.evaluate_fn, self.tracker, self.batch_examples = device, evaluate_fn, tracker, batch_examples
         self.checkpointer = checkpointer
+        self.world = distributed.world()
+        self.fsdp = distributed.is_sharded(model)
+        self.accum = cfg.grad_accum * self.world.size  # micro-batches per optimizer step, all ranks together
         set_seed(cfg.seed)
         self.amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if self.world.size > 1 and not self.fsdp:  # every replica starts from rank 0's weights
+            with distributed.collective("the initial broadcast of the weights"), torch.no_grad():
+                for p in self.params:
+                    torch.distributed.broadcast(p, 0)
         # Steps per epoch and the schedule's length are counted exactly as `run` takes them.
-        self.steps_per_epoch = len(accumulation_groups(make_batches(0), cfg.grad_accum))
+        self.steps_per_epoch = len(accumulation_groups(make_batches(0), self.accum))
         self.total_steps = cfg.max_steps or max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         self.scheduler = linear_schedule(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
         self.eval_every = cfg.eval_every or self.steps_per_epoch
@@ -256,36 +313,56 @@ class Trainer:
         self.checkpoints, self.checkpoint_seconds = 0, 0.0  # written by this process, and the time they took
         self.history: list[dict] = []
         self.window = self._new_window()
-        self.signal: str | None = None
+        self.signal: str | None = None  # set by the signal handler
+        self.agreed_signal: str | None = None  # several processes: a signal any rank saw, agreed on at each step
         self.resumed_from: int | None = None
         # Fault injection for the kill-and-resume tests: MINILAB_FAULT="SIGKILL:5" kills this process
-        # right after optimizer step 5 (what a lost machine does); "SIGTERM:5" sends it a SIGTERM.
-        fault = os.environ.get("MINILAB_FAULT", "")
-        self.fault = (int(fault.split(":")[1]), fault.split(":")[0]) if ":" in fault else None
+        # right after optimizer step 5 (what a lost machine does); "SIGTERM:5" sends it a SIGTERM;
+        # "SIGKILL:5:rank1" (or "SIGSTOP:5:rank1", a hung process) does it to rank 1 only.
+        fault = os.environ.get("MINILAB_FAULT", "").split(":")
+        self.fault = None
+        if len(fault) >= 2 and (len(fault) == 2 or fault[2] == f"rank{self.world.rank}"):
+            self.fault = (int(fault[1]), fault[0])
         self.stopped_by: str | None = None
         if checkpointer is not None and checkpointer.meta is not None:
             self._resume()
 
     # ---- one optimizer step -------------------------------------------------------------
 
-    def train_step(self, group: list) -> None:
-        """Forward and backward over the group's micro-batches, each loss divided by the number of
-        micro-batches the group really holds; then clip and step, unless the loss or the gradient
-        norm is not finite, in which case the step is skipped and its gradients dropped."""
-        total_loss, metrics = 0.0, {}
-        for batch in group:
+    def train_step(self, group: list, first: int = 0) -> None:
+        """Forward and backward over the group's micro-batches (this rank's share of them), each loss
+        divided by the number of micro-batches the group really holds; gradients summed across
+        ranks; then clip and step, unless the loss or the gradient norm is not finite, in which
+        case the step is skipped and its gradients dropped. `first`: the index in the epoch of the
+        group's first micro-batch (it seeds each micro-batch's random numbers)."""
+        G = len(group)
+        mine = [(j, group[j]) for j in rank_share(G, self.world.rank, self.world.size)]
+        if self.fsdp:  # every rank runs as many forward calls (each is a collective): pad with zero-weight repeats
+            mine += [(None, group[0])] * (math.ceil(G / self.world.size) - len(mine))
+        total_loss, metrics, examples = 0.0, {}, 0
+        for k, (j, batch) in enumerate(mine):
+            torch.manual_seed(self._micro_seed(first + (j or 0)))  # the same dropout whichever rank runs it
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(k == len(mine) - 1)  # reduce-scatter once, at the end
             with autocast(self.device, self.amp_dtype):
-                loss, metrics = self.loss_fn(self.model, batch)
-            loss = loss / len(group)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total_loss += loss.item()
-            n = self.batch_examples(batch)
-            self.examples += n
-            self.window["examples"] += n
+                loss, m = self.loss_fn(self.model, batch)
+            loss = loss / G
+            # FSDP averages the gradients over the ranks; the step needs their sum.
+            scaled = loss * (self.world.size if self.fsdp else 1) * (0.0 if j is None else 1.0)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if j is not None:
+                total_loss += loss.item()
+                metrics = m
+                examples += self.batch_examples(batch)
+        if self.world.size > 1:
+            total_loss, examples = self._sum_across_ranks(total_loss, examples)
+        self.examples += examples
+        self.window["examples"] += examples
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         # max_norm inf: the total norm, nothing clipped
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf))
+        grad_norm = float(distributed.full_tensor(
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf)))
         finite = math.isfinite(total_loss) and (self.scaler is not None or math.isfinite(grad_norm))
         if finite:
             if self.scaler:  # fp16: the scaler skips steps with inf/nan gradients itself, and shrinks its scale
@@ -311,6 +388,35 @@ class Trainer:
         self.position += 1
         self.last = {"grad_norm": grad_norm, **{k: float(v) for k, v in metrics.items()}}
 
+    def _micro_seed(self, index: int) -> int:
+        return ((self.cfg.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63
+
+    def _sum_across_ranks(self, loss: float, examples: int) -> tuple[float, int]:
+        """Sum the gradients (unless FSDP did), the losses and example counts over the ranks; and
+        agree on a stop: a SIGINT/SIGTERM seen by any rank stops every rank after this step."""
+        what = f"step {self.step + 1}"
+        if not self.fsdp:
+            by_dtype: dict[torch.dtype, list] = {}
+            for p in self.params:
+                by_dtype.setdefault(p.dtype, []).append(p)
+            for ps in by_dtype.values():  # one flat buffer per dtype, one all-reduce each
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+                distributed.all_reduce_sum(flat, f"{what}'s gradient all-reduce")
+                offset = 0
+                for p in ps:
+                    g = flat[offset : offset + p.numel()].view_as(p)
+                    offset += p.numel()
+                    if p.grad is None:
+                        p.grad = g
+                    else:
+                        p.grad.copy_(g)
+        stats = torch.tensor([loss, examples, self.signal == "SIGINT", self.signal == "SIGTERM"], dtype=torch.float64,
+                             device=self.device)
+        distributed.all_reduce_sum(stats, f"{what}'s loss all-reduce")
+        loss, examples, sigint, sigterm = stats.tolist()
+        self.agreed_signal = "SIGINT" if sigint else "SIGTERM" if sigterm else None
+        return loss, int(examples)
+
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -320,7 +426,7 @@ class Trainer:
 
     def _log(self, record: dict, kind: str = "train") -> None:
         self.history.append({"kind": kind, "step": self.step, **record})
-        if self.tracker:
+        if self.tracker and self.world.is_main:
             self.tracker.log(record, step=self.step, kind=kind)
 
     def log_train(self) -> dict | None:
@@ -339,7 +445,9 @@ class Trainer:
     # ---- evaluation and checkpoints -----------------------------------------------------
 
     def evaluate(self) -> None:
-        """Score dev; keep a CPU copy of the trainable weights when they are the best so far."""
+        """Score dev; keep a CPU copy of the trainable weights when they are the best so far.
+        Every rank evaluates (its share, if `evaluate_fn` splits the work) and keeps the copy, so
+        that all replicas end with the same best weights."""
         if self.evaluate_fn is None:
             return
         self.model.eval()
@@ -353,28 +461,47 @@ class Trainer:
         self.progress.write(f"step {self.step}: dev {self.cfg.metric} {score:.4f} (best {self.best_metric:.4f} at step {self.best_step})")
 
     def save(self) -> None:
-        if self.checkpointer is None:
+        """Write a checkpoint: rank 0 only (under FSDP every rank first helps gather the weights and
+        the optimizer state). The replicas are identical, so rank 0's RNG and optimizer state are
+        everyone's, and the per-micro-batch seeding leaves nothing rank-specific to save."""
+        if self.checkpointer is None or not (self.world.is_main or self.fsdp):
+            return
+        trainable, optimizer = trainable_state(self.model), self._optimizer_state()
+        if not self.world.is_main:
             return
         meta = {"step": self.step, "epoch": self.epoch, "position": self.position, "examples": self.examples,
                 "train_seconds": self.train_seconds, "best_metric": self.best_metric, "best_step": self.best_step,
                 "nonfinite": self.nonfinite, "nonfinite_in_row": self.nonfinite_in_row,
                 "metrics_lines": self.tracker.lines if self.tracker else 0,
                 "wandb_id": self.tracker.wandb_id if self.tracker else None}
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler else None, "rng": rng_state(), "history": self.history,
                  "window": self.window}  # the half-filled logging window, so the next record averages the same steps
         t0 = time.perf_counter()
-        self.checkpointer.save(meta, trainable_state(self.model), self.best_state, state)
+        self.checkpointer.save(meta, trainable, self.best_state, state)
         self.checkpoint_seconds += time.perf_counter() - t0
         self.checkpoints += 1
 
+    def _optimizer_state(self) -> dict:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        with distributed.collective("gathering the optimizer state"):  # whole tensors, on rank 0
+            return get_optimizer_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def _resume(self) -> None:
+        """Every rank reads the latest checkpoint (so it must be on storage they all see)."""
         meta, trainable, best, state = self.checkpointer.load()
-        named = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, v in trainable.items():
-                named[n].copy_(v)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_trainable(self.model, trainable)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -394,7 +521,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        self.progress = Progress(self.total_steps, self.step, self.cfg.progress)
+        self.progress = Progress(self.total_steps, self.step, self.cfg.progress and self.world.is_main)
         handlers = {}
         if self.checkpointer is not None and threading.current_thread() is threading.main_thread():
             handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -406,10 +533,7 @@ class Trainer:
                 signal.signal(s, h)
             self.progress.close()
         if self.best_state is not None:  # the weights that scored best on dev
-            named = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for n, v in self.best_state.items():
-                    named[n].copy_(v)
+            load_trainable(self.model, self.best_state)
         return TrainResult(steps=self.step, examples=self.examples, train_seconds=self.train_seconds,
                            examples_per_second=self.examples / max(1e-9, self.train_seconds), best_step=self.best_step,
                            best_metric=self.best_metric, history=self.history, nonfinite_steps=self.nonfinite,
@@ -418,20 +542,22 @@ class Trainer:
 
     def _epochs(self) -> None:
         while self.step < self.total_steps:
-            groups = accumulation_groups(self.make_batches(self.epoch), self.cfg.grad_accum)
+            groups = accumulation_groups(self.make_batches(self.epoch), self.accum)
             if not groups:
                 raise ValueError("no training batches: the train split is empty")
-            for group in groups[self.position :]:
+            for g in range(self.position, len(groups)):
                 t0 = time.perf_counter()
-                self.train_step(group)
+                with distributed.collective(f"step {self.step + 1}", any_error=False):  # FSDP's own collectives
+                    self.train_step(groups[g], first=g * self.accum)
                 seconds = time.perf_counter() - t0
                 self.train_seconds += seconds
                 self.window["seconds"] += seconds
                 self.progress.update(self.step, self.log_train())
                 if self.position == len(groups):  # the epoch is over: a checkpoint from here starts the next
                     self.epoch, self.position = self.epoch + 1, 0
-                if self.after_step():
-                    return
+                with distributed.collective(f"step {self.step}'s evaluation or checkpoint", any_error=False):
+                    if self.after_step():
+                        return
 
     def after_step(self) -> bool:
         """Evaluate, save and stop when it is time; True when the run is over."""
@@ -444,13 +570,16 @@ class Trainer:
         if self.fault and self.fault[0] == self.step:  # a lost machine (SIGKILL) or a polite stop (SIGTERM)
             os.kill(os.getpid(), getattr(signal, self.fault[1]))
             time.sleep(0.1)  # let the handler run
+        # One process acts on a signal at once; several act together, on the one they agreed on in
+        # the step's all-reduce (a rank that stopped alone would leave the others waiting).
+        stop = self.signal if self.world.size == 1 else self.agreed_signal
         if self.step % self.eval_every == 0 or done:
             self.evaluate()
-        if self.step % self.save_every == 0 or done or self.signal:
+        if self.step % self.save_every == 0 or done or stop:
             self.save()
-        if self.signal:
+        if stop:
             where = f"checkpoint saved in {self.checkpointer.dir}; rerun with --resume to continue"
-            raise TrainingInterrupted(f"{self.signal} at step {self.step}: {where}")
+            raise TrainingInterrupted(f"{stop} at step {self.step}: {where}")
         return done
 
 
@@ -487,6 +616,7 @@ def add_train_args(parser, **defaults) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=None)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     parser.add_argument("--eval-every", type=int, default=None, help="optimizer steps between dev evaluations (0: each epoch)")
+    parser.add_argument("--log-every", type=int, default=None, help=f"optimizer steps between training-log records (default {d.log_every})")
     parser.add_argument("--max-train-seconds", type=float, default=None, help="stop training once this much time is spent")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
@@ -494,11 +624,13 @@ def add_train_args(parser, **defaults) -> None:
     parser.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (default: at each evaluation)")
     parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: runs/<task>/<name>-checkpoint)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
+                        help="several processes (torchrun): seconds to wait for a silent peer before giving up")
 
 
 # Options that do not change what a run computes: a resumed run may change them.
 NOT_CONFIG = ("resume", "checkpoint_dir", "save_every", "no_progress", "max_train_seconds", "stream_examples", "out",
-              "save_dir", "ref_cache")
+              "save_dir", "ref_cache", "dist_timeout")
 
 
 def make_checkpointer(args, task: str, name: str, cfg: TrainConfig, **extra):
@@ -507,6 +639,8 @@ def make_checkpointer(args, task: str, name: str, cfg: TrainConfig, **extra):
 
     config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
     config.update({f"train.{k}": v for k, v in asdict(cfg).items() if k not in ("progress", "max_train_seconds")}, **extra)
+    if distributed.world().size > 1:  # N processes take N times the micro-batches per step
+        config["world_size"] = distributed.world().size
     directory = args.checkpoint_dir or f"runs/{task}/{name}-checkpoint"
     return Checkpointer(directory, config, save_every=args.save_every, resume=args.resume)
 

@@ -11,10 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def data_root() -> Path | None:
-    root = Path(os.environ.get("MINILAB_DATA") or REPO.parent / "shared" / "data")
-    return root if root.is_dir() else None
+from minilab.data import data_root  # noqa: E402  ($MINILAB_DATA, else shared/data beside the repo)
 
 
 @pytest.fixture(scope="session")

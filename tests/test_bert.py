@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,16 +18,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from minilab.bert import (  # noqa: E402
-    BertConfig,
-    BertForSequenceClassification,
-    BertModel,
-    Dropout,
-    load_bert_classifier,
-    load_bert_tokenizer,
-    load_bert_weights,
-    save_bert_classifier,
-)
+from minilab.bert import BertConfig, BertModel  # noqa: E402
+from minilab.bert import BertSelfAttention  # noqa: E402
+from minilab.bert_fast import BufferedEmbedding, Dropout, PackedBertModel, speed_up  # noqa: E402
+from minilab.bert_tokenizer import load_bert_tokenizer  # noqa: E402
+from minilab.weights import load_bert_classifier, load_bert_weights, save_bert_classifier  # noqa: E402
 from minilab.hub import package_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +30,9 @@ TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in 
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("MINILAB_DATA", REPO.parent / "shared" / "data"))
+    from minilab.data import SHARED_DATA, data_root
+
+    return data_root() or SHARED_DATA
 
 
 def real_sentences(n_sst2: int, n_steam: int, n_emotion: int = 0) -> list[str]:
@@ -97,16 +93,27 @@ def assert_encoder_matches(ours: BertModel, hf_bert, ids, mask, tt, atol=1e-5):
     real = mask.bool()
     assert hidden.shape == ref.last_hidden_state.shape
     torch.testing.assert_close(hidden[real], ref.last_hidden_state[real], atol=atol, rtol=0)
-    assert hidden[~real].abs().max() == 0  # padding rows are not computed
+    if isinstance(ours, PackedBertModel):
+        assert hidden[~real].abs().max() == 0  # padding rows are not computed
     torch.testing.assert_close(pooled, ref.pooler_output, atol=atol, rtol=0)
+
+
+def load_ours(folder, fast: bool, **kw):
+    """Our classifier from a checkpoint folder, plain (bert.py) or with bert_fast's parts swapped in."""
+    model, tok = load_bert_classifier(str(folder), **kw)
+    return (speed_up(model) if fast else model), tok
+
+
+FAST = pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 
 
 # ----------------------------------------------------------------------------- parity, tiny models
 
 
-def test_tiny_classifier_matches_transformers(tiny_clf):
+@FAST
+def test_tiny_classifier_matches_transformers(tiny_clf, fast):
     hf, folder = tiny_clf
-    ours, _ = load_bert_classifier(str(folder), num_labels=3)
+    ours, _ = load_ours(folder, fast, num_labels=3)
     ids, mask, tt = tiny_batch()
     assert_encoder_matches(ours.bert, hf.bert, ids, mask, tt)
     with torch.no_grad():
@@ -121,10 +128,11 @@ def test_tiny_classifier_matches_transformers(tiny_clf):
         torch.testing.assert_close(ours(ids, left, tt), ref, atol=1e-5, rtol=0)
 
 
-def test_tiny_gradients_match_transformers(tiny_clf):
+@FAST
+def test_tiny_gradients_match_transformers(tiny_clf, fast):
     """Packing and the [CLS]-only last layer must not change the gradients either."""
     hf, folder = tiny_clf
-    ours, _ = load_bert_classifier(str(folder), num_labels=3)
+    ours, _ = load_ours(folder, fast, num_labels=3)
     ids, mask, tt = tiny_batch()
     y = torch.tensor([0, 2, 1])
     hf.zero_grad()
@@ -146,8 +154,9 @@ def test_tiny_gradients_match_transformers(tiny_clf):
     hf.zero_grad()
 
 
-def test_train_mode_gradients_match_transformers_with_dropout_off(tiny_clf):
-    """Training takes other paths than eval (written-out attention with a mask bias, the word
+@FAST
+def test_train_mode_gradients_match_transformers_with_dropout_off(tiny_clf, fast):
+    """Training takes other paths than eval (fast: written-out attention with a mask bias, the word
     embedding's reused gradient buffer): with dropout at 0 its gradients must still equal the
     reference's, over two accumulated backwards per step and three steps."""
     import copy
@@ -158,10 +167,12 @@ def test_train_mode_gradients_match_transformers_with_dropout_off(tiny_clf):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     hf.config.attention_probs_dropout_prob = 0.0
-    ours, _ = load_bert_classifier(str(folder), num_labels=3)
+    ours, _ = load_ours(folder, fast, num_labels=3)
     for m in ours.modules():
         if hasattr(m, "p") and isinstance(m.p, float):
             m.p = 0.0
+        if isinstance(m, BertSelfAttention):
+            m.dropout = 0.0
     ours.train(), hf.train()
     ids, mask, tt = tiny_batch()
     y = torch.tensor([0, 2, 1])
@@ -233,16 +244,97 @@ def test_dropout_keeps_one_minus_p_and_scales():
     assert drop.eval()(x) is x
 
 
+def test_dropout_scale_is_exact_in_bf16():
+    """1/(1 - 0.1) rounds to 1.109375 in bf16; the kept values must be x / 0.9 rounded once."""
+    drop = Dropout(0.1).train()
+    x = torch.full((10_000,), 11.0, dtype=torch.bfloat16)
+    y = drop(x)
+    kept = y != 0
+    assert y.dtype == torch.bfloat16
+    want = torch.tensor(11.0 / 0.9).to(torch.bfloat16)  # 12.222 -> 12.25 in bf16
+    assert (y[kept] == want).all(), y[kept].unique()
+    # with the scale rounded to bf16 first (11 * 1.109375 = 12.203) the answer would be 12.1875
+    assert want != (torch.tensor(11.0, dtype=torch.bfloat16) * torch.tensor(1 / 0.9).to(torch.bfloat16))
+
+
+def embedding_pair(seed=0):
+    """An nn.Embedding and a BufferedEmbedding with equal weights (row 0 is padding)."""
+    torch.manual_seed(seed)
+    ref = torch.nn.Embedding(50, 8, padding_idx=0)
+    ours = BufferedEmbedding(torch.nn.Parameter(ref.weight.detach().clone()), padding_idx=0)
+    return ref, ours
+
+
+def test_buffered_embedding_gradient_equals_autograds():
+    """Over steps that drop the gradient (set_to_none), zero it in place, and accumulate two
+    backwards, the weight gradient equals nn.Embedding's; the buffer is reused from step to step."""
+    ref, ours = embedding_pair()
+    g = torch.Generator().manual_seed(1)
+    kept = []
+    for step in range(4):
+        for m in (ref, ours):
+            m.zero_grad(set_to_none=step != 2)
+        for micro in range(2 if step % 2 else 1):
+            ids = torch.randint(0, 50, (3, 7), generator=g)  # includes padding id 0
+            up = torch.randn(3, 7, 8, generator=g)
+            (ref(ids) * up).sum().backward()
+            (ours(ids) * up).sum().backward()
+        assert ref.weight.grad.abs().max() > 0
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-6, rtol=0)
+        kept.append(ours.weight.grad.data_ptr())
+    assert kept[0] == kept[1] == kept[3]  # the same memory, not a fresh 47 MB per step on MiniLM
+    # torch.autograd.grad sees the gradient too (the old buffer wrote .grad behind autograd's back)
+    ids = torch.randint(1, 50, (2, 5), generator=g)
+    (want,) = torch.autograd.grad(ref(ids).sum(), ref.weight)
+    (got,) = torch.autograd.grad(ours(ids).sum(), ours.weight)
+    torch.testing.assert_close(got, want)
+
+
+def test_buffered_embedding_gradient_reaches_ddp(tmp_path):
+    """The gradient flows through autograd, so gradient hooks see it: a tensor hook (what FSDP and
+    compiled autograd rely on) and a DistributedDataParallel communication hook, which receives the
+    bucket DDP all-reduces. (A gradient written into .grad behind autograd's back reaches neither.)"""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ref, ours = embedding_pair(seed=3)
+        tensor_hook, comm_hook = [], []
+        ours.weight.register_hook(lambda g: tensor_hook.append(g.clone()))
+
+        def allreduce_and_record(state, bucket):
+            comm_hook.append(bucket.buffer().clone())
+            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+        model = DDP(ours.train())
+        model.register_comm_hook(None, allreduce_and_record)
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            ref.zero_grad(set_to_none=True)
+            ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(step))
+            model(ids).pow(2).sum().backward()
+            ref(ids).pow(2).sum().backward()
+            want = ref.weight.grad
+            torch.testing.assert_close(ours.weight.grad, want, atol=1e-6, rtol=0)
+            torch.testing.assert_close(tensor_hook[step], want, atol=1e-6, rtol=0)
+            torch.testing.assert_close(comm_hook[step].view_as(want), want, atol=1e-6, rtol=0)
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- real MiniLM
 
 
-def test_minilm_matches_transformers_on_real_text():
+@FAST
+def test_minilm_matches_transformers_on_real_text(fast):
     folder = minilm_dir()
     texts = real_sentences(n_sst2=4, n_steam=4)
     hf = transformers.BertModel.from_pretrained(folder).eval()
     config = BertConfig.from_pretrained(folder)
     ours = BertModel(config)
     load_bert_weights(ours, folder)
+    ours = PackedBertModel(ours) if fast else ours
     tok = load_bert_tokenizer(folder)
     batch = tok(texts, max_length=128)
     assert batch["attention_mask"].sum(1).min() < batch["input_ids"].shape[1]  # really padded
@@ -376,3 +468,40 @@ def test_corrupt_or_missing_files_give_clear_errors(tiny_clf, tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(ValueError, match="no config.json in"):
         load_bert_classifier(str(tmp_path), num_labels=3)
+
+
+# ----------------------------------------------------------------------------- Hub downloads
+
+
+def test_hub_download_fetches_only_what_the_loaders_read(tiny_clf, monkeypatch):
+    """bert-base-uncased's repository also holds TF, Flax, ONNX, Core ML and PyTorch-pickle weights
+    (several GB): the snapshot must fetch the config, safetensors and tokenizer files only."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from minilab.weights import load_llama
+
+    _, folder = tiny_clf
+    asked = []
+
+    def fake_snapshot(repo_id, repo_type="model", allow_patterns=None, **kw):
+        asked.append(allow_patterns)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    load_bert_classifier("google-bert/bert-base-uncased", num_labels=3)
+    repo_files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                  "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "rust_model.ot", "model.onnx",
+                  "coreml/fill-mask/float32_model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"]
+    fetched = {f for f in repo_files if any(fnmatch.fnmatch(f, p) for p in asked[0])}
+    assert fetched == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt"}
+    # the LLaMA loader: Llama-3.2-1B-Instruct also ships original/consolidated.00.pth (2.5 GB)
+    with pytest.raises(ValueError):  # the fake returns a BERT folder; only the patterns matter here
+        load_llama("meta-llama/Llama-3.2-1B-Instruct")
+    llama_files = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json", "original/consolidated.00.pth",
+                   "original/params.json", "original/tokenizer.model"]
+    fetched = {f for f in llama_files if any(fnmatch.fnmatch(f, p) for p in asked[1])}
+    assert fetched == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                       "tokenizer_config.json", "special_tokens_map.json"}

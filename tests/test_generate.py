@@ -9,7 +9,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from minilab.chat import ChatTokenizer
 from minilab.generate import generate_ids, iter_token_ids, sample_next, stream_generate
-from minilab.llama import KVCache, load_llama
+from minilab.llama import KVCache
+from minilab.weights import load_llama
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from minilab.generate import generate_ids, stream_generate
-from minilab.gguf_weights import read_gguf, save_gguf_as_safetensors, unpermute_qk
+from minilab.gguf_weights import unpermute_qk
 from minilab.hub import HubError, package_dir
-from minilab.llama import load_llama, save_llama
+from minilab.weights import load_llama, save_gguf_as_safetensors, save_llama
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,7 +1,7 @@
 """minilab.llama against transformers' LlamaForCausalLM on tiny random checkpoints (fp32, CPU).
 
 Each test saves a random transformers model with `save_pretrained` (safetensors), loads it with
-`minilab.llama.load_llama`, and compares logits within 1e-4 (the two compute the same float32
+`minilab.weights.load_llama`, and compares logits within 1e-4 (the two compute the same float32
 operations in nearly the same order; observed differences are ~1e-6).
 """
 
@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from minilab.chat import ChatTokenizer
-from minilab.llama import KVCache, LlamaConfig, LlamaForCausalLM, apply_rotary, load_llama, rope_inv_freq
+from minilab.llama import LlamaConfig, LlamaForCausalLM, apply_rotary, rope_inv_freq
+from minilab.weights import load_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -346,6 +347,16 @@ def test_llama3_chat_format_matches_template(tmp_path):
             got = ours.chat_ids(chat, add_generation_prompt=gen, date_string="03 Oct 2024")
             assert got == list(want_ids)
             assert got.count(ours.bos_id) == 1  # no doubled BOS
+    # without a date_string the prompt carries a fixed date, not today's: seeded runs repeat
+    from unittest import mock
+
+    from minilab import chat as chat_module
+    assert not hasattr(chat_module, "_dt")  # no clock is read
+    want = theirs.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=False, date_string="26 Jul 2024")
+    assert ours.apply_chat(chats[0]) == want
+    with mock.patch("datetime.date") as fake:  # whatever the day, the same prompt
+        fake.today.return_value.strftime.return_value = "01 Jan 2031"
+        assert ours.apply_chat(chats[0]) == want
     # add_special on text that already starts with BOS does not double it
     text = ours.apply_chat(chats[0])
     assert ours.encode(text, add_special=True).count(ours.bos_id) == 1

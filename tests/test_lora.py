@@ -334,10 +334,11 @@ def test_load_adapter_errors(tmp_path):
 
 def _our_llama_from_hf(hf_model, tmp_path):
     llama = pytest.importorskip("minilab.llama")
+    weights = pytest.importorskip("minilab.weights")
     hf_model.save_pretrained(tmp_path)
     # load_llama's building blocks: a tiny random checkpoint has no tokenizer files to load
     config = llama.LlamaConfig.from_pretrained(tmp_path)
-    model = llama.model_from_tensors(config, llama.read_safetensors_folder(tmp_path), torch.float32)
+    model = weights.llama_from_tensors(config, weights.read_safetensors(tmp_path), torch.float32)
     return model.eval()
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 from pathlib import Path
 
+from minilab.data import SHARED_DATA, data_root
+
 
 def main() -> None:
-    shared = Path(os.environ.get("MINILAB_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
+    shared = data_root() or SHARED_DATA
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--raw", default=str(shared / "steam" / "reviews_1.5k.csv"))
     p.add_argument("--out", default="data/voted_up")

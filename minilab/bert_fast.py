@@ -1,0 +1,301 @@
+"""CPU speed tricks for `minilab/bert.py`: the same function, less work.
+
+Read `bert.py` first; everything here computes what it computes (tests/test_bert.py holds each
+part to the plain form) and only changes *how*. `speed_up(model)` swaps these parts into a
+plain `BertForSequenceClassification`, keeping every parameter (same objects, same names), so
+checkpoints, optimizers and the weight key maps do not notice. `train_bert.py` turns them on
+where they pay, on the CPU (`--fast auto`); on a GPU the plain model's fused attention kernels
+and native dropout are the fast path. `bench/bench_bert.py --tricks` times each one.
+
+1. **No work on padding** (`Packing`, `PackedBertModel`). Text batches are padded to their
+   longest sentence, and a third to a half of a batch is often padding. Everything in BERT except
+   attention works token by token, so the real tokens are gathered into one packed (N, H) matrix
+   and only attention sees the (B, T) layout. Padding never influences real tokens (it is masked
+   as a key), so the real rows get the same math; only float rounding differs.
+2. **A [CLS]-only last layer.** The classifier reads the last layer's [CLS] vector only. Its
+   keys and values still need every token, but its query, output projection, LayerNorms and FFN
+   run on the B [CLS] rows alone.
+3. **Attention written out in training.** On the CPU, `scaled_dot_product_attention` with dropout
+   has no fused kernel and falls back to a generic path that copies q, k and v to fp32 in every
+   layer; two matmuls in autocast's dtype with an fp32 softmax and a mask bias built once per
+   batch are faster. Evaluation keeps the fused kernel (no dropout).
+4. **A faster dropout** (`Dropout`): the same distribution as `nn.Dropout`, drawn as
+   `rand >= p` rather than with `bernoulli_`, which is slower on the CPU. The mask is kept as
+   booleans, and the 1/(1-p) scale is applied in fp32 (not rounded to the activation dtype).
+5. **A reused word-embedding gradient** (`BufferedEmbedding`). The gradient of a 30522 x 384
+   embedding is a dense 47 MB tensor of which a batch touches a few hundred rows; `nn.Embedding`
+   allocates and zero-fills a fresh one in every backward (fresh pages from the OS, zeroed
+   twice). Here the gradient is returned through autograd as usual, but into the same buffer
+   each step, zeroing only the rows the last step touched.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilab.bert import BertForSequenceClassification, BertLayer, BertModel, BertSelfAttention
+
+# -----------------------------------------------------------------------------
+# 4. Dropout
+
+
+class _DropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.rand(x.shape, device=x.device) >= p  # bool: kept with probability 1 - p
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x.mul(keep).mul_(ctx.scale)  # a Python-float scale is applied in fp32, even to bf16 x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout: each element kept with probability 1 - p and scaled by 1/(1 - p)."""
+    return _DropoutFn.apply(x, p) if training and p > 0.0 else x
+
+
+class Dropout(nn.Module):
+    """Drop-in for nn.Dropout (same distribution, same scale), drawn faster on the CPU."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# -----------------------------------------------------------------------------
+# 5. Word embedding with a reused gradient buffer
+
+
+class _BufferedLookup(torch.autograd.Function):
+    """F.embedding whose weight gradient is built in the module's kept buffer."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, module: "BufferedEmbedding") -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.module = module
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        return None, ctx.module.weight_grad(ids.flatten(), grad.reshape(-1, grad.shape[-1])), None
+
+
+class BufferedEmbedding(nn.Module):
+    """nn.Embedding (with padding_idx) whose weight gradient reuses one buffer from step to step.
+
+    The gradient goes through autograd like any other (so DDP's hooks, gradient accumulation and
+    `torch.autograd.grad` see it); only its memory is reused. After autograd has stored it as
+    `weight.grad` (it takes a returned tensor nobody else holds without copying), a post-accumulate
+    hook keeps a reference; once `zero_grad(set_to_none=True)` has dropped `weight.grad`, the next
+    backward zeroes the rows it knows are dirty and returns the same buffer. A later micro-batch
+    of the same step, whose gradient autograd adds into `weight.grad`, gets a fresh tensor. Under
+    torch.distributed an all-reduce writes rows other ranks touched, so the whole buffer is zeroed.
+    """
+
+    def __init__(self, weight: nn.Parameter, padding_idx: int | None):
+        super().__init__()
+        self.weight, self.padding_idx = weight, padding_idx
+        self._buffer: torch.Tensor | None = None
+        self._dirty: list[torch.Tensor] | None = []  # ids of the rows that may be non-zero; None: unknown
+        self._hooked: int | None = None
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> "BufferedEmbedding":
+        return cls(emb.weight, emb.padding_idx)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if not (self.training and w.requires_grad and torch.is_grad_enabled()):
+            return F.embedding(ids, w)
+        if self._hooked != id(w):
+            w.register_post_accumulate_grad_hook(self._adopt)
+            self._hooked = id(w)
+        return _BufferedLookup.apply(ids, w, self)
+
+    def _adopt(self, w: torch.Tensor) -> None:
+        self._buffer = w.grad  # keep it alive across zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def weight_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The weight gradient of one lookup, (V, H), in the kept buffer when it is free."""
+        w, buf, self._buffer = self.weight, self._buffer, None
+        free = (w.grad is None and buf is not None and buf.shape == w.shape and buf.dtype == w.dtype
+                and buf.device == w.device)
+        if not free:
+            out = torch.zeros_like(w)
+            if w.grad is None:
+                self._dirty = []
+        else:
+            out = buf
+            if self._dirty is None or (dist.is_available() and dist.is_initialized()):
+                out.zero_()
+            elif self._dirty:
+                out.index_fill_(0, torch.cat(self._dirty), 0.0)
+            self._dirty = []
+        out.index_add_(0, ids, grad.to(out.dtype))
+        if self.padding_idx is not None:
+            out[self.padding_idx] = 0.0  # as nn.Embedding: the [PAD] row learns nothing
+        if self._dirty is not None:
+            self._dirty.append(ids)
+            if sum(len(d) for d in self._dirty) > w.shape[0]:
+                self._dirty = None  # cheaper to zero it all
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}, padding_idx={self.padding_idx}"
+
+
+# -----------------------------------------------------------------------------
+# 1. Packing: where the real tokens of a padded batch are
+
+
+class Packing:
+    """Maps between a padded (B, T, ...) batch and the packed (N, ...) rows that we compute.
+
+    `rows` are the flat indices (into B*T) of the rows we compute: every real token, plus
+    position 0 of each sequence (the [CLS] token the pooler reads, even in the odd batch whose
+    first position is padding). With no padding `rows` is None and packing is a free reshape.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device):
+        self.B, self.T = B, T
+        if attention_mask is not None and not bool(attention_mask.all()):
+            keep = attention_mask.bool().clone()
+            keep[:, 0] = True
+            self.rows = keep.flatten().nonzero().squeeze(1)  # (N,)
+            self.mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = may attend
+            self.positions = self.rows % T  # (N,) absolute position of each packed row
+            self.cls_rows = torch.searchsorted(self.rows, torch.arange(B, device=device) * T)  # (B,)
+        else:
+            self.rows = self.mask = None
+            self.positions = torch.arange(T, device=device).repeat(B)  # (B*T,)
+            self.cls_rows = torch.arange(B, device=device) * T
+
+    @cached_property
+    def bias(self) -> torch.Tensor | None:
+        """The mask as an additive fp32 bias on attention scores, built once per batch, not per layer;
+        the most negative float rather than -inf, so a sequence of only padding gives no NaN."""
+        if self.mask is None:
+            return None
+        return torch.zeros(self.mask.shape, device=self.mask.device).masked_fill_(~self.mask, torch.finfo(torch.float32).min)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)"""
+        x = x.flatten(0, 1)
+        return x if self.rows is None else x.index_select(0, self.rows)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (B, T, D), zeros at the padding rows we did not compute."""
+        if self.rows is not None:
+            x = x.new_zeros(self.B * self.T, x.shape[-1]).index_copy(0, self.rows, x)
+        return x.view(self.B, self.T, x.shape[-1])
+
+
+# -----------------------------------------------------------------------------
+# 1-3. The encoder on packed rows
+
+
+def packed_attention(attn: BertSelfAttention, x: torch.Tensor, packing: Packing, cls_only: bool) -> torch.Tensor:
+    """BertSelfAttention.forward on packed rows: x (N, H) -> (N, H), or (B, H) for [CLS] only."""
+    B, T = packing.B, packing.T
+    qkv = packing.unpack(attn.qkv(x))  # (B, T, 3H)
+    H = qkv.shape[-1] // 3
+    q, k, v = qkv.view(B, T, 3, attn.n_head, H // attn.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hd)
+    if cls_only:
+        q = q[:, :, :1]  # only [CLS] asks; every real token still answers
+    if attn.training and x.device.type == "cpu":  # 3. written out (see the module docstring)
+        att = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, nh, Tq, T)
+        if packing.bias is not None:
+            att = att + packing.bias  # fp32 bias: the sum, and so the softmax, is fp32
+        y = dropout(att.float().softmax(-1), attn.dropout, True) @ v  # (B, nh, Tq, hd)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.mask,
+                                           dropout_p=attn.dropout if attn.training else 0.0)
+    y = y.transpose(1, 2).flatten(2)  # (B, Tq, H)
+    return attn.proj(y[:, 0] if cls_only else packing.pack(y))  # (B, H) or (N, H)
+
+
+def packed_layer(layer: BertLayer, x: torch.Tensor, packing: Packing, cls_only: bool) -> torch.Tensor:
+    """BertLayer.forward on packed rows; with `cls_only`, only the B [CLS] rows come out."""
+    h = packed_attention(layer.attn, x, packing, cls_only)
+    if cls_only:
+        x = x.index_select(0, packing.cls_rows)  # (B, H): the residual of [CLS] only
+    x = layer.attn_norm(x + layer.drop(h))
+    h = layer.ffn_out(layer.act(layer.ffn_in(x)))
+    return layer.ffn_norm(x + layer.drop(h))
+
+
+class PackedBertModel(nn.Module):
+    """A plain BertModel's modules (the same objects, so the same parameter names), run on packed rows."""
+
+    def __init__(self, bert: BertModel):
+        super().__init__()
+        self.config, self.embeddings, self.layers, self.pooler = bert.config, bert.embeddings, bert.layers, bert.pooler
+
+    check_length, pool = BertModel.check_length, BertModel.pool
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, cls_only: bool = False):
+        """-> (x, packing): x is (N, H) packed rows, or (B, H) [CLS] rows when `cls_only`."""
+        B, T = input_ids.shape
+        self.check_length(T)
+        packing = Packing(attention_mask, B, T, input_ids.device)
+        tt = None if token_type_ids is None else packing.pack(token_type_ids)
+        x = self.embeddings(packing.pack(input_ids), tt, packing.positions)  # (N, H)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = packed_layer(layer, x, packing, cls_only and i == last)
+        return x, packing
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """-> (last_hidden (B, T, H), zeros at padding; pooled (B, H))"""
+        x, packing = self.encode(input_ids, attention_mask, token_type_ids)
+        last_hidden = packing.unpack(x)
+        return last_hidden, self.pool(last_hidden[:, 0])
+
+    def pooled(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        cls, _ = self.encode(input_ids, attention_mask, token_type_ids, cls_only=True)  # (B, H)
+        return self.pool(cls)
+
+
+# -----------------------------------------------------------------------------
+# Swapping them in
+
+
+def speed_up(model: BertForSequenceClassification) -> BertForSequenceClassification:
+    """Swap every trick into `model`, in place; parameters and their names stay the same."""
+    if isinstance(model.bert, PackedBertModel):
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, Dropout(child.p))
+    emb = model.bert.embeddings
+    if type(emb.word) is nn.Embedding:
+        emb.word = BufferedEmbedding.from_embedding(emb.word)
+    model.bert = PackedBertModel(model.bert)
+    return model.train(model.training)  # the new modules take the model's mode
+
+
+def use_fast(choice: str, device: torch.device) -> bool:
+    """`--fast auto|on|off`: auto means on the CPU, where the tricks pay."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--fast must be auto, on or off, not {choice!r}")
+    return choice == "on" or (choice == "auto" and torch.device(device).type == "cpu")
