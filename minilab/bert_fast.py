@@ -31,6 +31,7 @@ and native dropout are the fast path. `bench/bench_bert.py --tricks` times each 
 
 from __future__ import annotations
 
+import weakref
 from functools import cached_property
 
 import torch
@@ -106,8 +107,12 @@ class BufferedEmbedding(nn.Module):
     `weight.grad` (it takes a returned tensor nobody else holds without copying), a post-accumulate
     hook keeps a reference; once `zero_grad(set_to_none=True)` has dropped `weight.grad`, the next
     backward zeroes the rows it knows are dirty and returns the same buffer. A later micro-batch
-    of the same step, whose gradient autograd adds into `weight.grad`, gets a fresh tensor. Under
-    torch.distributed an all-reduce writes rows other ranks touched, so the whole buffer is zeroed.
+    of the same step, whose gradient autograd adds into `weight.grad`, gets a fresh tensor.
+
+    The rows are known only while every write to the gradient is ours. Where others write, the whole
+    buffer is zeroed instead: under torch.distributed (an all-reduce adds rows other ranks touched),
+    after a gradient this module did not build (an eval-mode backward), and after a step whose
+    gradient norm was not finite (clipping then multiplies every row, zeros included, by NaN).
     """
 
     def __init__(self, weight: nn.Parameter, padding_idx: int | None):
@@ -115,7 +120,8 @@ class BufferedEmbedding(nn.Module):
         self.weight, self.padding_idx = weight, padding_idx
         self._buffer: torch.Tensor | None = None
         self._dirty: list[torch.Tensor] | None = []  # ids of the rows that may be non-zero; None: unknown
-        self._hooked: int | None = None
+        self._produced = False  # this backward's gradient was built here
+        self._hooked = None  # weakref to the weight whose hook is registered
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "BufferedEmbedding":
@@ -123,33 +129,39 @@ class BufferedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if not (self.training and w.requires_grad and torch.is_grad_enabled()):
-            return F.embedding(ids, w)
-        if self._hooked != id(w):
+        if w.requires_grad and (self._hooked is None or self._hooked() is not w):
             w.register_post_accumulate_grad_hook(self._adopt)
-            self._hooked = id(w)
+            self._hooked = weakref.ref(w)
+        if not (self.training and w.requires_grad and torch.is_grad_enabled()):
+            return F.embedding(ids, w, self.padding_idx)
         return _BufferedLookup.apply(ids, w, self)
 
     def _adopt(self, w: torch.Tensor) -> None:
-        self._buffer = w.grad  # keep it alive across zero_grad(set_to_none=True)
+        """After autograd stored `w.grad`: keep it alive across zero_grad(set_to_none=True)."""
+        if not self._produced:
+            self._dirty = None  # a gradient built elsewhere: its rows are unknown
+        self._produced = False
+        self._buffer = w.grad
 
     @torch.no_grad()
     def weight_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The weight gradient of one lookup, (V, H), in the kept buffer when it is free."""
         w, buf, self._buffer = self.weight, self._buffer, None
-        free = (w.grad is None and buf is not None and buf.shape == w.shape and buf.dtype == w.dtype
-                and buf.device == w.device)
-        if not free:
-            out = torch.zeros_like(w)
-            if w.grad is None:
-                self._dirty = []
-        else:
+        if w.grad is None and buf is not None and (buf.shape, buf.dtype, buf.device) == (w.shape, w.dtype, w.device):
             out = buf
             if self._dirty is None or (dist.is_available() and dist.is_initialized()):
-                out.zero_()
+                out.zero_()  # rows unknown
             elif self._dirty:
-                out.index_fill_(0, torch.cat(self._dirty), 0.0)
+                rows = torch.cat([d.to(out.device) for d in self._dirty])
+                if torch.isfinite(out.index_select(0, rows)).all():
+                    out.index_fill_(0, rows, 0.0)
+                else:
+                    out.zero_()  # a non-finite clip touched every row
             self._dirty = []
+        else:
+            out = torch.zeros_like(w)
+            if w.grad is not None and w.grad is not buf:
+                self._dirty = None  # autograd will add ours into a gradient whose rows we do not know
         out.index_add_(0, ids, grad.to(out.dtype))
         if self.padding_idx is not None:
             out[self.padding_idx] = 0.0  # as nn.Embedding: the [PAD] row learns nothing
@@ -157,6 +169,7 @@ class BufferedEmbedding(nn.Module):
             self._dirty.append(ids)
             if sum(len(d) for d in self._dirty) > w.shape[0]:
                 self._dirty = None  # cheaper to zero it all
+        self._produced = True
         return out
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ What the scripts and the loop do with it (see `train.Trainer` for the gradients)
 * **A lost rank stops the others with one line.** A collective that fails (a peer's connection
   closed, or nothing heard from it within `--dist-timeout` seconds) raises `PeerLost`, which the
   scripts print as `error: ...` and exit; the process group is destroyed at the end of a run and
-  on any error (`process_group`, and `cli.run_main`). torchrun also stops the remaining workers
+  on any error (`shutdown`, called by `cli.run_main`). torchrun also stops the remaining workers
   when one fails.
 
 FSDP2 (`shard_llama`, `train_dpo.py --fsdp`): the base weights are sharded across the ranks
@@ -111,15 +111,6 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _WORLD = World()
-
-
-@contextlib.contextmanager
-def process_group(timeout: float | None = None, device: torch.device | None = None):
-    """`init` ... `shutdown`, the latter also on an error."""
-    try:
-        yield init(timeout, device)
-    finally:
-        shutdown()
 
 
 def _lost(what: str, e: BaseException) -> PeerLost:

@@ -563,6 +563,10 @@ class Trainer:
         """Evaluate, save and stop when it is time; True when the run is over."""
         budget = self.cfg.max_train_seconds
         over_time = budget is not None and self.train_seconds > budget and self.step < self.total_steps
+        if budget is not None and self.world.size > 1:  # all ranks stop at the same step: rank 0's clock decides
+            flag = torch.tensor([float(over_time and self.world.is_main)], dtype=torch.float64, device=self.device)
+            distributed.all_reduce_sum(flag, f"step {self.step}'s time-budget check")
+            over_time = bool(flag.item())
         done = self.step >= self.total_steps or over_time
         if over_time:
             self.stopped_by = f"time budget of {budget:.0f}s at step {self.step} of {self.total_steps}"

@@ -505,3 +505,32 @@ def test_hub_download_fetches_only_what_the_loaders_read(tiny_clf, monkeypatch):
     fetched = {f for f in llama_files if any(fnmatch.fnmatch(f, p) for p in asked[1])}
     assert fetched == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                        "tokenizer_config.json", "special_tokens_map.json"}
+
+
+def test_buffered_embedding_recovers_from_writes_it_did_not_make():
+    """Rows the buffer cannot track must not leak into later gradients: a step whose gradient was
+    clipped by a NaN norm (and skipped), an eval-mode backward, and two lookups in one backward."""
+    ref, ours = embedding_pair(seed=5)
+    g = torch.Generator().manual_seed(2)
+
+    def step(*, nan=False, eval_mode=False, twice=False):
+        for m in (ref, ours):
+            m.zero_grad(set_to_none=True)
+            m.train(not eval_mode)
+        ids = torch.randint(1, 50, (3, 4), generator=g)
+        other = torch.randint(1, 50, (3, 4), generator=g)
+        for m in (ref, ours):
+            loss = m(ids).sum() + (m(other).pow(2).sum() if twice else 0)
+            (loss * (float("nan") if nan else 1.0)).backward()
+            torch.nn.utils.clip_grad_norm_([m.weight], 1.0)  # a NaN norm makes every row NaN
+        if not nan:
+            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-6, rtol=0)
+
+    step()
+    step(nan=True)  # the trainer skips this step; the buffer is all NaN now
+    step()
+    step(twice=True)
+    step()
+    step(eval_mode=True)  # autograd's own embedding gradient, adopted as the buffer
+    step()
+    assert ours.weight.grad.isfinite().all()
