@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from minilab import distributed
 from minilab.cli import run_main
 from minilab.data import add_data_args, load_task_from_args
-from minilab.dpo import answer_logps, dpo_loss, split_pairs
+from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
 from minilab.generate import stream_generate
 from minilab.hub import package_dir
 from minilab.weights import load_llama
 from minilab.lmclassifier import (PromptBuilder, PromptFormat, answer_token_ids, balance_pairs, classify, dpo_batches, dpo_pairs,
                                   map_answer, pair_weights)
-from minilab.lora import apply_lora, count_parameters, disable_adapters, load_adapter, save_adapter
+from minilab.lora import apply_lora, count_parameters, load_adapter, save_adapter
 from minilab.metrics import evaluate_predictions, one_label_warning
 from minilab.plots import run_pictures
 from minilab.predict import write_meta
@@ -274,12 +274,10 @@ def main(argv=None) -> int:
     if ref_cached:
         refs, how = [t.to(device) for t in load_tensor_list(cache_file)], f"read from {cache_file}"
     else:  # with the adapters off; under torchrun each rank computes its share of the batches
-        model.eval()
-        with distributed.collective("the reference log-probs", any_error=False), amp(), torch.no_grad(), \
-                disable_adapters(model):
-            mine = [logps_of(model, b).float().cpu() for b in distributed.shard(device_batches, lockstep=args.fsdp)]
+        with distributed.collective("the reference log-probs", any_error=False), amp(), torch.no_grad():
+            mine = [t.float().cpu() for t in
+                    reference_logps(model, distributed.shard(device_batches, lockstep=args.fsdp), logps_fn=logps_of)]
         refs = [t.to(device) for t in distributed.gather(mine, len(device_batches), "gathering the reference log-probs")]
-        model.train()
         if world.is_main:
             save_tensor_list(refs, cache_file)
         how = f"computed once with the adapters off (kept in {cache_file})"

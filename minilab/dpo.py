@@ -244,7 +244,7 @@ def split_pairs(logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def reference_logps(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], normalize: bool = False,
-                    prefix_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+                    prefix_ids: torch.Tensor | None = None, logps_fn=None) -> list[torch.Tensor]:
     """Reference log-probs for every batch, computed once with the adapters OFF, before training.
 
     batches: the training batches, each a mapping with prompt_ids, prompt_mask, answer_ids,
@@ -252,7 +252,8 @@ def reference_logps(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
         shuffle their order, not their contents) so that result[i] stays aligned with batch i.
     Returns one (B*n,) float32 tensor per batch, on the batches' device. Use `split_pairs` on an
     element to get (ref_chosen, ref_rejected). The model is put in eval mode (no dropout) for
-    this and then restored to the mode it was in.
+    this and then restored to the mode it was in. `logps_fn(model, batch)`, when given, replaces
+    `answer_logps` (train_dpo.py's one-call form under FSDP).
     """
     was_training = model.training
     model.eval()
@@ -260,8 +261,11 @@ def reference_logps(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     try:
         with disable_adapters(model):
             for b in batches:
-                out.append(answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"], normalize=normalize,
-                                         prefix_ids=prefix_ids).detach())
+                if logps_fn is not None:
+                    out.append(logps_fn(model, b).detach())
+                else:
+                    out.append(answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"],
+                                            normalize=normalize, prefix_ids=prefix_ids).detach())
     finally:
         model.train(was_training)
     return out
