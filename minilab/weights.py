@@ -291,11 +291,11 @@ def llama_from_tensors(config: LlamaConfig, tensors: dict[str, torch.Tensor], dt
     if config.tie_word_embeddings:
         ignorable.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     hub_names = set(keys.values())
-    missing = [h for h in hub_names if h not in tensors]
+    missing = [h for h in keys.values() if h not in tensors]
     unexpected = [k for k in tensors if k not in hub_names and k not in ignorable]
     wrong = [f"{h} {tuple(tensors[h].shape)} (expected {tuple(ours[o].shape)})"
              for o, h in keys.items() if h in tensors and tuple(tensors[h].shape) != tuple(ours[o].shape)]
-    check_tensor_names(source, sorted(missing), unexpected, wrong)
+    check_tensor_names(source, missing, unexpected, wrong)
     for our_name, hub_name in keys.items():
         module_name, _, attr = our_name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(tensors[hub_name].to(dtype), requires_grad=True))

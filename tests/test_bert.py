@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from minilab.bert import BertConfig, BertModel  # noqa: E402
+from minilab.bert import BertConfig, BertForSequenceClassification, BertModel  # noqa: E402
 from minilab.bert import BertSelfAttention  # noqa: E402
 from minilab.bert_fast import BufferedEmbedding, Dropout, PackedBertModel, speed_up  # noqa: E402
 from minilab.bert_tokenizer import load_bert_tokenizer  # noqa: E402
@@ -534,3 +534,22 @@ def test_buffered_embedding_recovers_from_writes_it_did_not_make():
     step(eval_mode=True)  # autograd's own embedding gradient, adopted as the buffer
     step()
     assert ours.weight.grad.isfinite().all()
+
+
+def test_fast_parts_are_chosen_by_device():
+    """--fast auto: bert_fast's tricks on the CPU only; on CUDA the plain model's fused SDPA kernels
+    (training and evaluation) and native dropout are the fast path."""
+    from minilab.bert_fast import use_fast
+
+    assert use_fast("auto", torch.device("cpu")) and not use_fast("auto", torch.device("cuda", 0))
+    assert use_fast("on", "cuda") and not use_fast("off", "cpu")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        use_fast("yes", "cpu")
+    model = BertForSequenceClassification(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=16)).eval()
+    names = [n for n, _ in model.named_parameters()]
+    speed_up(model)
+    assert [n for n, _ in model.named_parameters()] == names  # the same parameters: checkpoints do not notice
+    assert isinstance(model.bert, PackedBertModel) and not model.training
+    assert isinstance(model.bert.embeddings.word, BufferedEmbedding)
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
