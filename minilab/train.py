@@ -399,6 +399,11 @@ class Trainer:
             by_dtype: dict[torch.dtype, list] = {}
             for p in self.params:
                 by_dtype.setdefault(p.dtype, []).append(p)
+            # which parameters got a gradient on some rank: one that none did stays None, as with one
+            # process (AdamW then leaves it alone instead of decaying it under a zero gradient)
+            has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float64, device=self.device)
+            distributed.all_reduce_sum(has, f"{what}'s gradient all-reduce")
+            somewhere = {id(p) for p, h in zip(self.params, has.tolist()) if h > 0}
             for ps in by_dtype.values():  # one flat buffer per dtype, one all-reduce each
                 flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
                 distributed.all_reduce_sum(flat, f"{what}'s gradient all-reduce")
@@ -406,7 +411,9 @@ class Trainer:
                 for p in ps:
                     g = flat[offset : offset + p.numel()].view_as(p)
                     offset += p.numel()
-                    if p.grad is None:
+                    if id(p) not in somewhere:
+                        p.grad = None
+                    elif p.grad is None:
                         p.grad = g
                     else:
                         p.grad.copy_(g)

@@ -238,3 +238,19 @@ def test_dpo_two_processes_and_fsdp_equal_one_with_double_accumulation(tmp_path,
 def test_fsdp_needs_several_processes(tmp_path, tiny_steam, tiny_llama):
     res = one_process(_args("dpo", tiny_steam, tiny_llama, tmp_path / "x") + ["--fsdp", "--max-pairs", "4"], tmp_path)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --fsdp shards the model")
+
+
+def test_a_parameter_without_a_gradient_on_every_rank_keeps_none():
+    """The by-hand all-reduce fills missing gradients with zeros to sum them; a parameter that got no
+    gradient anywhere must stay None afterwards, as with one process (else AdamW decays it)."""
+    from types import SimpleNamespace
+
+    from minilab.train import Trainer
+
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    used.grad = torch.full((3,), 2.0)
+    fake = SimpleNamespace(params=[used, unused], fsdp=False, device=torch.device("cpu"), signal=None, step=0)
+    loss, examples = Trainer._sum_across_ranks(fake, 1.5, 4)  # one process: the sums are the inputs
+    assert (loss, examples) == (1.5, 4)
+    assert torch.equal(used.grad, torch.full((3,), 2.0))
+    assert unused.grad is None
