@@ -395,15 +395,18 @@ class Trainer:
         """Sum the gradients (unless FSDP did), the losses and example counts over the ranks; and
         agree on a stop: a SIGINT/SIGTERM seen by any rank stops every rank after this step."""
         what = f"step {self.step + 1}"
+        # One small all-reduce first: losses, example counts, stop signals, and which parameters got a
+        # gradient on some rank (one that none did stays None, as with one process, so AdamW leaves it be).
+        stats = torch.tensor([loss, examples, self.signal == "SIGINT", self.signal == "SIGTERM",
+                              *(p.grad is not None for p in self.params)], dtype=torch.float64, device=self.device)
+        distributed.all_reduce_sum(stats, f"{what}'s loss all-reduce")
+        loss, examples, sigint, sigterm, *has = stats.tolist()
+        self.agreed_signal = "SIGINT" if sigint else "SIGTERM" if sigterm else None
         if not self.fsdp:
+            somewhere = {id(p) for p, h in zip(self.params, has) if h > 0}
             by_dtype: dict[torch.dtype, list] = {}
             for p in self.params:
                 by_dtype.setdefault(p.dtype, []).append(p)
-            # which parameters got a gradient on some rank: one that none did stays None, as with one
-            # process (AdamW then leaves it alone instead of decaying it under a zero gradient)
-            has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float64, device=self.device)
-            distributed.all_reduce_sum(has, f"{what}'s gradient all-reduce")
-            somewhere = {id(p) for p, h in zip(self.params, has.tolist()) if h > 0}
             for ps in by_dtype.values():  # one flat buffer per dtype, one all-reduce each
                 flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
                 distributed.all_reduce_sum(flat, f"{what}'s gradient all-reduce")
@@ -417,11 +420,6 @@ class Trainer:
                         p.grad = g
                     else:
                         p.grad.copy_(g)
-        stats = torch.tensor([loss, examples, self.signal == "SIGINT", self.signal == "SIGTERM"], dtype=torch.float64,
-                             device=self.device)
-        distributed.all_reduce_sum(stats, f"{what}'s loss all-reduce")
-        loss, examples, sigint, sigterm = stats.tolist()
-        self.agreed_signal = "SIGINT" if sigint else "SIGTERM" if sigterm else None
         return loss, int(examples)
 
     @property
