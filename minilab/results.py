@@ -7,16 +7,15 @@ memory, device, precision, seed and the exact command line.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import resource
 import shlex
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from .files import atomic_folder, atomic_write  # noqa: F401  (atomic_folder: re-exported for older imports)
 
 REQUIRED = ("task", "model", "split_sizes", "zero_shot", "fine_tuned", "train_seconds", "examples_per_second",
             "peak_rss_mb", "device", "dtype", "seed", "command")
@@ -99,36 +98,7 @@ def write_results(payload: dict, name: str, root: str | Path = "results") -> Pat
     missing = [k for k in REQUIRED if k not in payload]
     if missing:
         raise ValueError(f"results for {name!r} lack {', '.join(missing)}")
-    path = results_path(payload["task"], name, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | Path):
-    """Yield a temporary folder beside `path`; when the block succeeds it replaces `path`. A kill
-    at any point leaves either the old folder or the new one whole, never a mix (at worst a stray
-    `.tmp-*`/`.old-*` folder beside it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.with_name(f".old-{path.name}-{os.getpid()}")
-    if path.exists():
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    return atomic_write(results_path(payload["task"], name, root), json.dumps(payload, indent=2) + "\n")
 
 
 def read_results(path: str | Path) -> dict:
