@@ -20,7 +20,7 @@ export MINILAB_DATA
 # torch is pinned to the release whose CPU wheel lies on these machines; any other spec pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: lab baseline bert llama report test test-fast bench install install-dev clean
+.PHONY: lab baseline bert llama report test test-fast bench profile gpu-check install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,15 @@ bench: install-dev
 	$(BIN)/python bench/bench_bert.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,)
 	@if [ -f bench/bench_dpo.py ]; then $(BIN)/python bench/bench_dpo.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,); fi
 	$(BIN)/python bench/bench_ddp.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,)
+
+# Where one CPU-preset training step spends its time (BERT and DPO), op kind by op kind: bench/profile_step.py.
+profile: install-dev
+	$(BIN)/python bench/profile_step.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,)
+
+# On a CUDA machine (no Hub): the cuda tests, BERT-base / Llama-1B-sized steps (tokens/s, MFU), fp16 + scaler,
+# a short real DPO run. `python bench/gpu_check.py --dry-run` runs the same on the CPU, tiny.
+gpu-check: install-dev
+	$(BIN)/python bench/gpu_check.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,)
 
 clean:
 	rm -rf results runs wandb

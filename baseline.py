@@ -17,11 +17,13 @@ import argparse
 import importlib
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
-from minilab.cli import run_main
+from minilab.cli import nonneg_int, positive_float, positive_int, run_main, seed_int
 from minilab.data import add_data_args, load_task_from_args
+from minilab.files import check_output_folder
 from minilab.metrics import evaluate_predictions
 from minilab.predict import save_baseline
 from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
@@ -33,14 +35,14 @@ GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # C: inverse L2 strength; large 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p)
-    p.add_argument("--seed", type=int, default=0, help="recorded for the results file (L-BFGS from zeros is deterministic)")
+    p.add_argument("--seed", type=seed_int, default=0, help="recorded for the results file (L-BFGS from zeros is deterministic)")
     p.add_argument("--out", default="results", help="results root: writes <out>/<task>/baseline.json")
-    p.add_argument("--min-df", type=int, default=1, help="keep terms seen in at least this many training texts")
-    p.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="values of C to try on dev")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--min-df", type=positive_int, default=1, help="keep terms seen in at least this many training texts (>= 1)")
+    p.add_argument("--grid", type=positive_float, nargs="+", default=list(GRID), help="values of C (> 0) to try on dev")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads for torch; 1 is fastest for a problem this small (more threads mostly wait on each other)")
     p.add_argument("--save-dir", default=None, help="where the fitted model goes, for minilab.predict (default: runs/<task>/baseline)")
-    p.add_argument("--show-wrong", type=int, default=5, help="how many misclassified test texts to keep in the results")
+    p.add_argument("--show-wrong", type=nonneg_int, default=5, help="how many misclassified test texts to keep in the results (0: none)")
     return p.parse_args(argv)
 
 
@@ -53,6 +55,9 @@ def main(argv=None) -> int:
     data = load_task_from_args(args)
     K, names = data.num_labels, data.label_names
     print(f"task {data.task}: {data.sizes()}  labels {names}")
+    save_dir = Path(args.save_dir or f"runs/{data.task}/baseline")
+    # Checked now, before any fit: a folder holding files minilab did not write, the data or the results is refused.
+    check_output_folder(save_dir, [data.source], outputs=[args.out])
 
     # %% 2. Features: the vocabulary and idf come from train only; dev and test are just mapped onto them.
     t0 = time.perf_counter()
@@ -128,8 +133,8 @@ def main(argv=None) -> int:
             {"text": data.test.texts[i], "true": names[data.test.labels[i]], "pred": names[pred[i]]} for i in wrong
         ],
     }
-    save_dir = save_baseline(args.save_dir or f"runs/{data.task}/baseline", vec, model, names)
-    payload["save_dir"] = str(save_dir)
+    save_baseline(save_dir, vec, model, names, protect=[data.source, args.out])
+    payload["save_dir"] = str(save_dir.resolve())  # absolute: `predict --run` works from any folder
     path = write_results(payload, "baseline", root=args.out)
     print(f"wrote {path}  (train {train_seconds:.2f}s, search {search_seconds:.2f}s, peak RSS {payload['peak_rss_mb']:.0f} MB)")
     return 0

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from minilab.bert_fast import speed_up, use_fast
 from minilab import distributed
-from minilab.cli import run_main
+from minilab.cli import device_arg, nonneg_int, positive_int, run_main
 from minilab.data import add_data_args, load_task_from_args
+from minilab.files import check_output_folder
 from minilab.hub import package_dir
 from minilab.metrics import evaluate_predictions, one_label_warning
 from minilab.plots import run_pictures
@@ -49,16 +50,22 @@ def parse_args(argv=None):
     add_data_args(p)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--model", default=None, help="a local checkpoint folder or Hub id (default: the preset's)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per text (longer texts are cut in the middle)")
-    p.add_argument("--keep-tail", type=int, default=32, help="a cut text keeps this many of its last tokens")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help=f"tokens per text, longer texts are cut in the middle (preset: {PRESETS['cpu']['max_length']})")
+    p.add_argument("--keep-tail", type=nonneg_int, default=32,
+                   help="a cut text keeps this many of its last tokens, at most --max-length (0: only its head; default 32)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--out", default="results", help="where results/<task>/bert.json goes")
     p.add_argument("--save-dir", default=None, help="where the fine-tuned model folder goes (default: runs/<task>/bert)")
     p.add_argument("--name", default="bert", help="results file name")
     p.add_argument("--fast", choices=["auto", "on", "off"], default="auto",
                    help="swap in minilab/bert_fast.py's speed tricks (auto: on the CPU, where they pay)")
     add_train_args(p, **PRESETS["cpu"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    max_length = args.max_length or PRESETS[args.preset]["max_length"]
+    if args.keep_tail > max_length:  # a cut text would come out longer than --max-length
+        p.error(f"argument --keep-tail: {args.keep_tail} is more than the --max-length of {max_length}")
+    return args
 
 
 def encode_split(tokenizer, split, max_length, keep_tail):
@@ -96,6 +103,11 @@ def main(argv=None) -> int:
     checkpointer = make_checkpointer(args, data.task, args.name, cfg, model_id=model_id, data_source=data.source,
                                      max_length=max_length, label_names=data.label_names,
                                      fast=use_fast(args.fast, device))
+    # The output folder is checked now, not after the training: one that holds files minilab did not
+    # write, or that is (or holds) the data, the model, the checkpoints or the results, is refused.
+    save_dir = Path(args.save_dir or Path("runs") / data.task / "bert")
+    protect, outputs = [data.source, model_id], [checkpointer.dir, args.out]
+    check_output_folder(save_dir, protect, outputs=outputs)
     print(f"[2/9] data: task {data.task} from {data.source}: {data.sizes()}, labels {data.label_names}")
 
     # ---- 3. model ------------------------------------------------------------------------
@@ -158,8 +170,7 @@ def main(argv=None) -> int:
         return 0
 
     # ---- 8. save -------------------------------------------------------------------------
-    save_dir = Path(args.save_dir or Path("runs") / data.task / "bert")
-    with atomic_folder(save_dir) as tmp:  # a kill mid-save leaves the previous folder whole
+    with atomic_folder(save_dir, protect + outputs) as tmp:  # a kill mid-save leaves the previous folder whole
         save_bert_classifier(model, tokenizer, tmp, id2label)
         write_meta(tmp, {"kind": "bert", "label_names": data.label_names, "max_length": max_length,
                          "keep_tail": args.keep_tail, "precision": {None: "fp32", torch.bfloat16: "bf16",
@@ -181,7 +192,7 @@ def main(argv=None) -> int:
     payload = {
         "task": data.task,
         "name": args.name,
-        "model": model_id,
+        "model": str(Path(model_id).resolve()) if Path(model_id).exists() else model_id,  # a Hub id stays one
         "kind": "bert",
         "split_sizes": data.sizes(),
         "label_names": data.label_names,
@@ -204,13 +215,14 @@ def main(argv=None) -> int:
         "command": command_line(),
         "training": {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
                      "epochs": cfg.epochs, "max_length": max_length, "best_step": result.best_step, "params": n_params},
-        "metrics_log": str(run_dir / f"{args.name}_metrics.jsonl"),
-        "save_dir": str(save_dir),
+        "metrics_log": str((run_dir / f"{args.name}_metrics.jsonl").resolve()),  # absolute: usable from any folder
+        "save_dir": str(save_dir.resolve()),
         "predictions": test_preds,
         "wrong_examples": wrong,
     }
     publish_log(tracker.path, payload["metrics_log"])
     path = write_results(payload, args.name, root=args.out)
+    checkpointer.finish()  # results and model written: a new run may replace these checkpoints
     print(f"[9/9] results written to {path}")
     return 0
 

@@ -17,18 +17,19 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from minilab import distributed
-from minilab.cli import run_main
+from minilab.cli import device_arg, fraction, nonneg_float, nonneg_int, positive_float, positive_int, run_main
 from minilab.data import add_data_args, load_task_from_args
 from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
+from minilab.files import atomic_write, check_output_folder
 from minilab.generate import stream_generate
 from minilab.hub import package_dir
 from minilab.weights import load_llama
@@ -66,28 +67,36 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="a checkpoint folder, a Hub id, or a .gguf file (default: the preset's)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
                    help="dtype of the frozen base weights (auto: bfloat16 under bf16 autocast, else float32); LoRA stays float32")
-    p.add_argument("--lora-rank", type=int, default=None)
-    p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    c = PRESETS["cpu"]
+    p.add_argument("--lora-rank", type=positive_int, default=None, help=f"LoRA rank, >= 1 (preset: {c['lora_rank']})")
+    p.add_argument("--lora-alpha", type=positive_float, default=None, help=f"LoRA scale alpha, > 0 (preset: {c['lora_alpha']})")
+    p.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the LoRA input, in [0, 1) (default 0)")
     p.add_argument("--lora-mlp", action="store_true", help="also adapt the MLP projections")
-    p.add_argument("--beta", type=float, default=None, help="DPO beta: how far the policy may move from the reference")
+    p.add_argument("--beta", type=positive_float, default=None,
+                   help=f"DPO beta, > 0: how far the policy may move from the reference (preset: {c['beta']})")
     p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--rpo-alpha", type=float, default=None,
-                   help="weight of the chosen answer's NLL added to the DPO loss (0 = pure DPO)")
+    p.add_argument("--label-smoothing", type=_below_half, default=0.0,
+                   help="conservative DPO's label noise, in [0, 0.5), sigmoid loss only (default 0)")
+    p.add_argument("--rpo-alpha", type=nonneg_float, default=None,
+                   help=f"weight of the chosen answer's NLL added to the DPO loss, >= 0 (0 = pure DPO; preset: {c['rpo_alpha']})")
     p.add_argument("--all-wrong", action="store_true", help="one pair per wrong label (default for 2 classes; else one sampled)")
-    p.add_argument("--max-text-tokens", type=int, default=None, help="texts are cut to this many tokens")
+    p.add_argument("--max-text-tokens", type=positive_int, default=None,
+                   help=f"texts are cut to this many tokens (preset: {c['max_text_tokens']})")
     p.add_argument("--truncate", choices=["head", "tail", "middle"], default=None,
                    help="which part of a long text the prompt keeps (default: the task's, else head)")
     p.add_argument("--balance", choices=["oversample", "weight", "none"], default=None,
                    help="how DPO pairs are balanced across labels: repeat the rarer labels' pairs, weight the loss "
                         "by inverse label frequency, or neither (preset: oversample)")
-    p.add_argument("--max-pairs", type=int, default=None, help="train on at most this many DPO pairs (sampled across labels)")
-    p.add_argument("--eval-limit", type=int, default=None, help="dev examples scored at each evaluation")
-    p.add_argument("--test-limit", type=int, default=None, help="test examples evaluated (default: all)")
-    p.add_argument("--stream-examples", type=int, default=3, help="test texts whose answers are streamed before/after")
-    p.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated per answer (streamed and free-generation accuracy)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--max-pairs", type=positive_int, default=None,
+                   help=f"train on at most this many DPO pairs, sampled across labels (preset: {c['max_pairs']}; gpu preset: all)")
+    p.add_argument("--eval-limit", type=positive_int, default=None,
+                   help=f"dev examples scored at each evaluation (preset: {c['eval_limit']})")
+    p.add_argument("--test-limit", type=positive_int, default=None, help="test examples evaluated (default: all)")
+    p.add_argument("--stream-examples", type=nonneg_int, default=3,
+                   help="test texts whose answers are streamed before/after (0: none; default 3)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=12,
+                   help="tokens generated per answer (streamed and free-generation accuracy; default 12)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--out", default="results")
     p.add_argument("--save-dir", default=None, help="where the adapter goes (default: runs/<task>/llama-adapter)")
     p.add_argument("--name", default="llama")
@@ -96,7 +105,18 @@ def parse_args(argv=None):
     p.add_argument("--ref-cache", default="runs/ref-cache",
                    help="folder of reference log-probs kept by a hash of model, data, prompt and pairs, so a repeated or resumed run reuses them")
     add_train_args(p, **PRESETS["cpu"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.label_smoothing and args.loss_type != "sigmoid":
+        p.error(f"argument --label-smoothing: applies to --loss-type sigmoid only (conservative DPO), not {args.loss_type}")
+    return args
+
+
+def _below_half(text: str) -> float:
+    """--label-smoothing: a number in [0, 0.5) (at 0.5 the loss no longer prefers either answer)."""
+    v = fraction(text)
+    if v >= 0.5:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: pass a number in [0, 0.5)")
+    return v
 
 
 def pick(args, preset, name):
@@ -131,15 +151,48 @@ def reference_key(model_id: str, model, amp_dtype, prefix: list[int], batches: l
 
 
 def save_tensor_list(tensors: list[torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, str(tmp))
-    os.replace(tmp, path)  # a kill mid-write leaves no half file under the real name
+    """Keep a list of tensors in one safetensors file, atomically (a kill mid-write leaves no half
+    file under the real name)."""
+    atomic_write(path, save_tensors({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}))
 
 
-def load_tensor_list(path: Path) -> list[torch.Tensor]:
-    d = load_file(str(path))
-    return [d[str(i)] for i in range(len(d))]
+def load_tensor_list(path: Path, rows: list[int] | None = None) -> list[torch.Tensor] | None:
+    """The list `save_tensor_list` kept in `path`: None when there is none, and None with a `note:`
+    line when the file is damaged or does not hold one finite 1-D tensor of `rows[i]` values per
+    batch (so that the caller computes the list again)."""
+    if not path.is_file():
+        return None
+    try:
+        d = load_file(str(path))
+        tensors = [d[str(i)] for i in range(len(d))]
+    except Exception as e:  # noqa: BLE001 - a truncated or overwritten file: any reader error
+        why = f"damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})"
+    else:
+        if rows is None or ([tuple(t.shape) for t in tensors] == [(r,) for r in rows]
+                            and all(bool(torch.isfinite(t).all()) for t in tensors)):
+            return tensors
+        why = f"not this run's ({len(tensors)} tensors for {len(rows)} batches, or their sizes or values differ)"
+    print(f"note: the reference cache {path} is {why}: computing the reference log-probs again")
+    return None
+
+
+def cached_tensor_list(path: Path, rows: list[int], compute) -> tuple[list[torch.Tensor], bool]:
+    """(the tensors kept in `path`, True) when it holds a whole list of the expected sizes, else
+    (`compute()`, False), kept in `path` for the next run. Under torchrun rank 0 reads the file and
+    decides, and every rank follows (`compute` may then be collective)."""
+    world = distributed.world()
+    kept = load_tensor_list(path, rows) if world.is_main else None
+    if distributed.broadcast_object(kept is not None, "agreeing on the reference cache"):
+        if kept is None:
+            kept = load_tensor_list(path, rows)
+            if kept is None:
+                raise ValueError(f"the reference cache {path} reads on rank 0 but not on rank {world.rank}: "
+                                 "put --ref-cache on storage every process sees the same")
+        return kept, True
+    tensors = compute()
+    if world.is_main:
+        save_tensor_list(tensors, path)
+    return tensors, False
 
 
 def prepare_dataset(data, tokenizer, max_text_tokens: int, batch_size: int, seed: int, keep: str | None = None,
@@ -187,6 +240,12 @@ def main(argv=None) -> int:
     # The checkpointer reads a checkpoint to resume now, so a changed config is refused before any work.
     checkpointer = make_checkpointer(args, data.task, args.name, cfg, model_id=model_id, base_dtype=str(dtype),
                                      data_source=data.source, spec=repr(data.spec))
+    # The adapter folder is checked now, not after the training: one that holds files minilab did not
+    # write, or that is (or holds) the data, the base model, the checkpoints or the reference cache, is refused.
+    save_dir = Path(args.save_dir or Path("runs") / data.task / f"{args.name}-adapter")
+    protect, outputs = [data.source, model_id], [checkpointer.dir, args.ref_cache, args.out]
+    check_output_folder(save_dir, protect, outputs=outputs)
+    base_ref = str(Path(model_id).resolve()) if Path(model_id).exists() else model_id  # absolute; a Hub id stays one
     t_load = time.time()
     model, tokenizer = load_llama(model_id, dtype=dtype)
     model.to(device)
@@ -270,17 +329,16 @@ def main(argv=None) -> int:
     t_ref = time.time()
     device_batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     cache_file = Path(args.ref_cache) / f"{data.task}-{reference_key(model_id, model, amp_dtype, prefix, batches)}.safetensors"
-    ref_cached = distributed.broadcast_object(cache_file.is_file(), "agreeing on the reference cache")
-    if ref_cached:
-        refs, how = [t.to(device) for t in load_tensor_list(cache_file)], f"read from {cache_file}"
-    else:  # with the adapters off; under torchrun each rank computes its share of the batches
+    def compute_refs():  # with the adapters off; under torchrun each rank computes its share of the batches
         with distributed.collective("the reference log-probs", any_error=False), amp(), torch.no_grad():
             mine = [t.float().cpu() for t in
                     reference_logps(model, distributed.shard(device_batches, lockstep=args.fsdp), logps_fn=logps_of)]
-        refs = [t.to(device) for t in distributed.gather(mine, len(device_batches), "gathering the reference log-probs")]
-        if world.is_main:
-            save_tensor_list(refs, cache_file)
-        how = f"computed once with the adapters off (kept in {cache_file})"
+        return distributed.gather(mine, len(device_batches), "gathering the reference log-probs")
+
+    # A damaged or mismatched cache file is computed again, with a note (load_tensor_list).
+    refs, ref_cached = cached_tensor_list(cache_file, [b["answer_ids"].shape[0] for b in batches], compute_refs)
+    refs = [t.to(device) for t in refs]
+    how = f"read from {cache_file}" if ref_cached else f"computed once with the adapters off (kept in {cache_file})"
     ref_seconds = time.time() - t_ref
     print(f"[6/10] DPO: loss {args.loss_type}, beta {beta}, label smoothing {args.label_smoothing}, "
           f"chosen-NLL weight (RPO) {rpo_alpha}; reference log-probs of {len(pairs)} pairs {how} "
@@ -324,11 +382,11 @@ def main(argv=None) -> int:
           f"best dev {cfg.metric} {result.best_metric:.4f} at step {result.best_step}")
 
     # ---- 8. save the adapter -------------------------------------------------------------
-    save_dir = Path(args.save_dir or Path("runs") / data.task / f"{args.name}-adapter")
     # Under FSDP every rank helps gather the whole weights; rank 0 alone writes.
-    with distributed.unsharded(model), (atomic_folder(save_dir) if world.is_main else contextlib.nullcontext()) as tmp:
+    with distributed.unsharded(model), (atomic_folder(save_dir, protect + outputs) if world.is_main
+                                        else contextlib.nullcontext()) as tmp:
         if world.is_main:  # atomic: a kill mid-save leaves the previous adapter whole
-            save_adapter(model, tmp, base_model_name_or_path=model_id)
+            save_adapter(model, tmp, base_model_name_or_path=base_ref)
             write_meta(tmp, {"kind": "llama-lora", "label_names": data.label_names, "base_dtype": str(dtype).removeprefix("torch."),
                              "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
                              "prompt_format": {"question": fmt.question, "answers": fmt.answers,
@@ -370,7 +428,7 @@ def main(argv=None) -> int:
     wrong = [{"text": data.test.texts[i], "true": data.label_names[y], "pred": data.label_names[p], "generated": texts[i]}
              for i, (y, p) in enumerate(zip(test_labels, preds)) if y != p][:10]
     payload = {
-        "task": data.task, "name": args.name, "model": model_id, "kind": "llama-dpo",
+        "task": data.task, "name": args.name, "model": base_ref, "kind": "llama-dpo",
         "split_sizes": {**data.sizes(), "test_evaluated": test_n, "dev_evaluated": eval_n},
         "label_names": data.label_names,
         "zero_shot": zero_shot, "fine_tuned": fine_tuned,
@@ -389,8 +447,8 @@ def main(argv=None) -> int:
                      "epochs": cfg.epochs, "pairs": len(pairs), "lora_rank": rank, "lora_alpha": alpha,
                      "lora_targets": details["lora_targets"], "beta": beta, "loss_type": args.loss_type, "rpo_alpha": rpo_alpha,
                      "balance": balance, "pairs_per_label": per_label, "trainable_params": trainable, "total_params": total, "best_step": result.best_step},
-        "metrics_log": str(run_dir / f"{args.name}_metrics.jsonl"),
-        "save_dir": str(save_dir),
+        "metrics_log": str((run_dir / f"{args.name}_metrics.jsonl").resolve()),  # absolute: usable from any folder
+        "save_dir": str(save_dir.resolve()),
         "prompt_format": {"question": fmt.question, "answers": fmt.answers, "max_text_tokens": fmt.max_text_tokens,
                           "keep": fmt.keep},
         "examples": [{"text": data.test.texts[i], "true": data.label_names[data.test.labels[i]], "before": before[i],
@@ -400,6 +458,7 @@ def main(argv=None) -> int:
     }
     publish_log(tracker.path, payload["metrics_log"])
     path = write_results(payload, args.name, root=args.out)
+    checkpointer.finish()  # results and adapter written: a new run may replace these checkpoints
     print(f"      results written to {path}")
     return 0
 

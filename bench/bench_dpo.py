@@ -55,7 +55,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine, write_json  # noqa: E402
+from common import DPO_STEADY_GOAL, REPO, goal_line, lab_stage_lines, machine, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -446,13 +446,19 @@ def main(argv=None) -> int:
           "RSS growth that minus the RSS when the phase began (model loaded).")
     print()
     print(table)
-    ratio = None
+    ratio = steady_ratio = None
+    print()
     if base and "ours" in results:
         ratio = rates(results["ours"])[2] / base
-        print()
-        print(f"ours / TRL = {ratio:.2f}x pairs/s (goal >= 2x); steady state (reference excluded): "
-              f"{rates(results['ours'])[3] / rates(results['trl'])[3]:.2f}x; peak RSS "
+        steady_ratio = rates(results["ours"])[3] / rates(results["trl"])[3]
+        print(f"ours / TRL = {ratio:.2f}x pairs/s (reference pass included); steady state (reference excluded): "
+              f"{steady_ratio:.2f}x; peak RSS "
               f"{results['ours']['peak_rss_mb']:.0f} MB vs {results['trl']['peak_rss_mb']:.0f} MB")
+    goal = goal_line(f"DPO steady state >= {DPO_STEADY_GOAL:g}x TRL", DPO_STEADY_GOAL, steady_ratio,
+                     f"pairs/s of the training steps, reference pass excluded; {ratio:.2f}x with it" if ratio is not None
+                     else "needs the ours and trl stacks")
+    stages = lab_stage_lines()
+    print("\n".join([goal, *stages]))
 
     payload = {
         "benchmark": "dpo",
@@ -470,6 +476,10 @@ def main(argv=None) -> int:
         "rows": [dict(zip(["stack", "pairs", "steps", "seconds", "ref_seconds_charged", "pairs_per_second",
                            "steady_pairs_per_second", "peak_rss_mb", "rss_growth_mb", "first_loss", "ratio"], row)) for row in rows],
         "ratio": ratio,
+        "steady_ratio": steady_ratio,
+        "goal_steady_ratio": DPO_STEADY_GOAL,
+        "goal": goal,
+        "lab_stages": stages,
         "details": results,
         "machine": machine(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

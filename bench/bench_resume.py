@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,9 @@ def main() -> int:
                               (ref / "results" / args.task / f"{name}.json", ref / "saved"))
     if not args.reference:
         ref.mkdir(parents=True, exist_ok=True)
+        # A fresh start each time: a run without --resume refuses an unfinished run's checkpoints,
+        # and an earlier bench may have been stopped halfway.
+        shutil.rmtree(ref / "ck", ignore_errors=True)
         t0 = time.time()
         code = launch(args.script, args.task, ref, args.extra).wait()
         print(f"uninterrupted run: exit {code} in {time.time() - t0:.0f}s")
@@ -81,6 +85,7 @@ def main() -> int:
 
     cut = root / "-".join(f"{sig}@{at}" for sig, at in stops)
     cut.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(cut / "ck", ignore_errors=True)  # the interrupted series starts from nothing (see above)
     extra, seconds, costs = list(args.extra), [], []
     for sig, at in stops:  # run until the log reaches `at`, send the signal, then resume
         t0 = time.time()

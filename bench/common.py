@@ -83,3 +83,116 @@ def write_json(payload: dict, path: str | Path) -> Path:
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# The project's goals, and `make lab`'s stage timings from its results files
+
+BERT_GOAL = 1.4  # minilab's BERT fine-tuning: examples/s at least 1.4x the transformers loop's
+DPO_STEADY_GOAL = 5.0  # minilab's DPO steps (reference pass excluded): pairs/s at least 5x TRL's
+
+
+def goal_line(claim: str, goal: float, measured: float | None, detail: str = "") -> str:
+    """'goal: <claim>: measured 1.52x (detail): PASS' (FAIL below the goal; 'not measured' without a value)."""
+    if measured is None:
+        return f"goal: {claim}: not measured{f' ({detail})' if detail else ''}"
+    verdict = "PASS" if measured >= goal else "FAIL"
+    return f"goal: {claim}: measured {measured:.2f}x{f' ({detail})' if detail else ''}: {verdict}"
+
+
+LAB_STAGES = ("baseline", "bert", "llama")  # results/<task>/<name>.json, as `make lab` writes them
+
+
+def _seconds(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _eval_seconds(d: dict) -> float | None:
+    """Seconds spent evaluating, where a results file records them (the field's name varies by script)."""
+    for key in ("eval_seconds", "evaluation_seconds", "evaluate_seconds"):
+        if _seconds(d.get(key)) is not None:
+            return _seconds(d[key])
+    for key in ("evaluation", "eval", "timings", "timing"):
+        sub = d.get(key)
+        if isinstance(sub, dict):
+            if _seconds(sub.get("seconds")) is not None:
+                return _seconds(sub["seconds"])
+            named = key.startswith("eval")  # an "evaluation" dict: every seconds field in it; "timings": the eval ones
+            parts = [_seconds(v) for k, v in sub.items()
+                     if (named and ("seconds" in k or k in ("zero_shot", "test", "dev"))) or "eval" in k]
+            if any(p is not None for p in parts):
+                return sum(p for p in parts if p is not None)
+    return None
+
+
+def lab_stages(task: str, root: str | Path | None = None) -> dict | None:
+    """Stage seconds of the last `make lab` on `task` from results/<task>/{baseline,bert,llama}.json
+    (those that exist; None when none does): baseline (features + fit, and the C search), BERT
+    (script wall time, training), the DPO reference pass and steps, evaluation where recorded."""
+    folder = Path(root or REPO / "results") / task
+    runs = {}
+    for name in LAB_STAGES:
+        try:
+            runs[name] = json.loads((folder / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            pass
+    if not runs:
+        return None
+    out: dict = {"task": task}
+    if "baseline" in runs:
+        b = runs["baseline"]
+        out["baseline"] = _seconds(b.get("train_seconds"))
+        out["baseline_search"] = _seconds(b.get("search_seconds"))
+        out["baseline_eval"] = _eval_seconds(b)
+    if "bert" in runs:
+        b = runs["bert"]
+        out["bert_wall"] = _seconds(b.get("wall_seconds"))
+        out["bert_train"] = _seconds(b.get("train_seconds"))
+        out["bert_eval"] = _eval_seconds(b)
+    if "llama" in runs:
+        b = runs["llama"]
+        ref = b.get("reference_logps") or {}
+        out["reference"] = _seconds(ref.get("seconds"))
+        out["reference_cached"] = bool(ref.get("cached"))
+        out["dpo_train"] = _seconds(b.get("train_seconds"))
+        out["dpo_wall"] = _seconds(b.get("wall_seconds"))
+        out["dpo_eval"] = _eval_seconds(b)
+    return out
+
+
+def lab_stage_line(stages: dict) -> str:
+    """'make lab stages (steam): baseline 2.1s (C search 6.0s), BERT 512s (training 470s), reference pass 202s, DPO steps 640s, ...'"""
+    def s(x):
+        return f"{x:.0f}s" if x >= 10 else f"{x:.1f}s"
+
+    parts = []
+    if stages.get("baseline") is not None:
+        parts.append(f"baseline {s(stages['baseline'])}"
+                     + (f" (C search {s(stages['baseline_search'])})" if stages.get("baseline_search") is not None else ""))
+    if stages.get("bert_wall") is not None:
+        parts.append(f"BERT {s(stages['bert_wall'])}"
+                     + (f" (training {s(stages['bert_train'])})" if stages.get("bert_train") is not None else ""))
+    elif stages.get("bert_train") is not None:
+        parts.append(f"BERT training {s(stages['bert_train'])}")
+    if stages.get("reference") is not None:
+        parts.append(f"reference pass {s(stages['reference'])}" + (" (read from the cache)" if stages.get("reference_cached") else ""))
+    if stages.get("dpo_train") is not None:
+        parts.append(f"DPO steps {s(stages['dpo_train'])}")
+    if stages.get("dpo_wall") is not None:
+        parts.append(f"DPO script {s(stages['dpo_wall'])}")
+    for key, name in (("baseline_eval", "baseline"), ("bert_eval", "BERT"), ("dpo_eval", "DPO")):
+        if stages.get(key) is not None:
+            parts.append(f"{name} evaluation {s(stages[key])}")
+    missing = [n for n, k in (("baseline", "baseline"), ("bert", "bert_train"), ("llama", "dpo_train")) if k not in stages]
+    if missing:
+        parts.append(f"no {', '.join(f'{m}.json' for m in missing)}")
+    return f"make lab stages ({stages['task']}): " + ", ".join(parts)
+
+
+def lab_stage_lines(tasks: list[str] | None = None, root: str | Path | None = None) -> list[str]:
+    """One `lab_stage_line` per task with results (by default every results/<task>/ but bench/), or a note."""
+    root = Path(root or REPO / "results")
+    if tasks is None:
+        tasks = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "bench") if root.is_dir() else []
+    lines = [lab_stage_line(st) for st in (lab_stages(t, root) for t in tasks) if st is not None]
+    return lines or [f"make lab stages: skipped, no {root.name}/<task>/{{{','.join(LAB_STAGES)}}}.json yet (run `make lab`)"]

@@ -60,20 +60,23 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output_folder(path: str | Path, protect: Iterable[str | Path | None] = (), flag: str = "--save-dir") -> Path:
+def check_output_folder(path: str | Path, protect: Iterable[str | Path | None] = (), flag: str = "--save-dir",
+                        outputs: Iterable[str | Path | None] = ()) -> Path:
     """Refuse, with one line, an output folder whose replacement would lose files minilab did not
     write: an existing file, a non-empty folder without `minilab.json`, or a folder that is (or
-    contains) one of `protect` (the run's data, base model, adapter or checkpoint folder).
-    Returns the resolved path."""
+    contains) one of `protect` (the run's data, base model, adapter or checkpoint folder; a name
+    that is not on disk, such as a Hub id, is skipped) or one of `outputs` (folders the run will
+    write besides this one, its checkpoints or results: refused even before they exist, so that a
+    run is refused at its start, not after its training). Returns the resolved path."""
     target = Path(path).expanduser().resolve()
-    for p in protect:
+    for p, must_exist in [*((p, True) for p in protect), *((p, False) for p in outputs)]:
         if p is None or not str(p):
             continue
         q = Path(p).expanduser().resolve()
-        if q.exists() and _is_within(q, target):
+        if (q.exists() or not must_exist) and _is_within(q, target):
             what = "is" if q == target else "contains"
-            raise OutputError(f"{flag} {path} {what} {q}, which this run reads: writing there would delete it; "
-                              f"pass another {flag}")
+            raise OutputError(f"{flag} {path} {what} {q}, which this run {'reads' if must_exist else 'writes'}: "
+                              f"writing there would delete it; pass another {flag}")
     if target.is_file() or (target.exists() and not target.is_dir()):
         raise OutputError(f"{flag} {path} is a file, not a folder: pass a folder path")
     if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():

@@ -118,7 +118,11 @@ def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], C
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"GGUF file {path} does not exist")
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError) as e:  # "GGUF magic invalid", an empty or cut-short file
+        raise ValueError(f"{path} is not a GGUF file ({e}): pass a llama.cpp .gguf model file, or a Hub checkpoint "
+                         "folder (config.json + safetensors)") from e
     meta = read_metadata(reader)
     config = config_from_metadata(meta, {t.name for t in reader.tensors})
     tensors, unknown = {}, []

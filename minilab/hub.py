@@ -9,8 +9,13 @@ deep inside huggingface_hub helps nobody who just mistyped a model id.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import socket
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 class HubError(RuntimeError):
@@ -98,3 +103,63 @@ def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: list[st
             f"cannot download {what} {repo_id!r} from the Hugging Face Hub ({type(e).__name__}): "
             f"check your connection, or pass {local_hint}"
         ) from e
+
+
+# Dataset listing without a connection: fail in seconds, with one line, not 25 s of retry warnings
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached right now ("HF_HUB_OFFLINE is set", "no connection to
+    huggingface.co: ..."), or None when it answers a TCP connection within `timeout` seconds (or when
+    a proxy is set, which only huggingface_hub itself can go through). huggingface_hub retries a
+    failed request five times over ~25 s, printing a warning each time; this check takes at most
+    `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    answer: list[str | None] = []
+
+    def probe() -> None:  # in a thread, so that a slow name lookup is bounded too
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answer.append(None)
+        except OSError as e:
+            answer.append(f"no connection to {host}: {e.strerror or e}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return answer[0] if answer else f"no answer from {host} within {timeout:g} s"
+
+
+@contextmanager
+def quiet_hub():
+    """huggingface_hub's warnings (its retries) off inside the block: a failure there is turned into
+    one HubError line by the caller anyway."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def cached_snapshot(repo_id: str, repo_type: str = "model") -> Path | None:
+    """The local cache's copy of a Hub repository (what an earlier download left), or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        with quiet_hub():
+            return Path(snapshot_download(repo_id, repo_type=repo_type, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), or no huggingface_hub
+        return None

@@ -108,23 +108,25 @@ class BertClassifier:
 class LlamaClassifier:
     def __init__(self, folder: Path, device: torch.device, base: str | None = None, dtype: str | None = None):
         from .lmclassifier import PromptBuilder, PromptFormat, answer_token_ids
+        from .hub import HubError
         from .weights import load_llama
         from .lora import load_adapter
 
         meta = read_meta(folder)
-        base = base or json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise PredictError(f"{folder}/adapter_config.json names no base model: pass --base MODEL")
-        if not Path(base).exists() and (base.startswith(("/", ".", "~")) or base.count("/") != 1):
-            raise PredictError(f"the adapter's base model {base} does not exist here: pass --base MODEL (a folder, .gguf or Hub id)")
+        if base and not Path(base).expanduser().exists() and _path_like(base):
+            raise PredictError(f"--base {base} does not exist: pass the base model's folder or .gguf file")
+        base = base or _adapter_base(folder)
         self.label_names = meta["label_names"]
-        self.model, self.tokenizer = load_llama(base, dtype=getattr(torch, dtype or meta.get("base_dtype", "float32")))
+        try:
+            self.model, self.tokenizer = load_llama(base, dtype=getattr(torch, dtype or meta.get("base_dtype", "float32")))
+        except HubError as e:  # a Hub id that is not there: the flag to name is predict's own
+            raise PredictError(f"base model {base}: {str(e).replace('--model ', '--base ')}") from e
         load_adapter(self.model, folder)
         self.model.to(device).eval()
         self.fmt = PromptFormat(**meta["prompt_format"])
         self.builder = PromptBuilder(self.tokenizer, self.fmt)
         self.answers = answer_token_ids(self.tokenizer, self.fmt)
-        self.device, self.meta, self.base = device, meta, base
+        self.device, self.meta, self.base, self.folder = device, meta, base, folder
 
     def predict_proba(self, texts: list[str]) -> list[list[float]]:
         from .lmclassifier import classify
@@ -141,9 +143,35 @@ class LlamaClassifier:
         from .results import atomic_folder
 
         model = merge_and_unload(self.model)
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, protect=[self.folder, self.base], flag="--merge") as tmp:  # never over the adapter or base
             save_llama(model.float(), self.tokenizer, tmp)
+            base = str(Path(self.base).resolve()) if Path(self.base).exists() else self.base
+            write_meta(tmp, {"kind": "llama-merged", "label_names": self.label_names, "base": base,
+                             "adapter": str(Path(self.folder).resolve()), "prompt_format": self.meta["prompt_format"]})
         return Path(out)
+
+
+def _path_like(name: str) -> bool:
+    """A name that can only be a path (a Hub id is `org/name`)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or name.endswith(".gguf") or "\\" in name
+
+
+def _adapter_base(folder: Path) -> str:
+    """The base model named in the adapter's config. Adapters minilab writes now record a local base
+    by its absolute path; an older one recorded it relative to the training run's folder, so a
+    relative name is also looked for from the project folder (runs/<task>/<adapter> -> ../../..)."""
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise PredictError(f"{folder}/adapter_config.json names no base model: pass --base MODEL")
+    if Path(base).expanduser().exists():
+        return base
+    parents = Path(folder).resolve().parents
+    if not Path(base).expanduser().is_absolute() and len(parents) > 2 and (parents[2] / base).exists():
+        return str(parents[2] / base)
+    if _path_like(base):
+        raise PredictError(f"the adapter's base model {base} does not exist here: pass --base MODEL "
+                           "(the base model's folder or .gguf file)")
+    return base  # a Hub id
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,13 +201,14 @@ class BaselineClassifier:
             return self.model(self.vec.transform(texts)).softmax(-1).tolist()
 
 
-def save_baseline(folder: str | Path, vec, model, label_names: list[str]) -> Path:
-    """The baseline as files: vocabulary (JSON, in column order), idf and weights (safetensors)."""
+def save_baseline(folder: str | Path, vec, model, label_names: list[str], protect=()) -> Path:
+    """The baseline as files: vocabulary (JSON, in column order), idf and weights (safetensors).
+    `protect`: folders the run read (its data), which `folder` must not be or hold."""
     from safetensors.torch import save_file
 
     from .results import atomic_folder
 
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, protect) as tmp:
         (tmp / "vocabulary.json").write_text(json.dumps(vec.feature_names()))
         save_file({"idf": vec.idf_, "weight": model.weight.detach().contiguous(), "bias": model.bias.detach()},
                   str(tmp / "model.safetensors"))
@@ -227,7 +256,7 @@ def load_classifier(path: str | Path, device: str | None = None, base: str | Non
         saved = r.get("save_dir")
         if not saved:
             raise PredictError(f"results file {path} names no saved model (save_dir): rerun its step to save one")
-        return load_classifier(saved, device, base, base_dtype)
+        return load_classifier(_saved_model(path, saved), device, base, base_dtype)
     dev = pick_device(device)
     if not (path / META).is_file():
         raise PredictError(f"{path} is not a model minilab saved (no {META}): pass the folder train_bert.py, "
@@ -239,7 +268,26 @@ def load_classifier(path: str | Path, device: str | None = None, base: str | Non
         return Classifier(LlamaClassifier(path, dev, base, base_dtype), kind, path)
     if kind == "baseline":
         return Classifier(BaselineClassifier(path), kind, path)
+    if kind == "llama-merged":
+        raise PredictError(f"{path} is a merged LLaMA folder: load it with transformers, or predict with the adapter "
+                           f"folder {read_meta(path).get('adapter', 'it was merged from')}")
     raise PredictError(f"{path / META} names an unknown kind {kind!r}")
+
+
+def _saved_model(results_file: Path, saved: str) -> Path:
+    """The model folder a results file names. Results written now hold an absolute path; an older
+    file's relative one was relative to the run's project folder (results/<task>/x.json -> ../..),
+    which is tried first, then the current folder."""
+    p = Path(saved).expanduser()
+    if p.is_absolute():
+        return p
+    parents = results_file.resolve().parents
+    roots = ([parents[2]] if len(parents) > 2 else []) + [Path.cwd()]
+    found = next((r / p for r in roots if (r / p).exists()), None)
+    if found is None:
+        raise PredictError(f"results file {results_file} names save_dir {saved}, which is under none of "
+                           f"{', '.join(map(str, roots))}: pass the model folder itself")
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,21 +295,34 @@ def load_classifier(path: str | Path, device: str | None = None, base: str | Non
 
 
 def read_texts(args) -> list[str]:
+    """The texts to classify: --input's column --text-col (read as strictly as training data, see
+    minilab.data.read_table: a malformed row is one line naming the file and its line), else the
+    arguments, else stdin (one text per line)."""
     if args.input:
-        from .data import DataError, read_rows
+        from .data import DataError, read_table
 
         path = Path(args.input)
         if not path.is_file():
             raise PredictError(f"input file {path} does not exist")
         try:
-            rows = read_rows(path)
+            table = read_table(path)
         except DataError as e:
             raise PredictError(str(e)) from e
-        if not rows:
+        if not table.rows:
             raise PredictError(f"input file {path} has no rows")
-        if args.text_col not in rows[0]:
-            raise PredictError(f"{path} has no column {args.text_col!r} (columns: {', '.join(rows[0])}); pass --text-col NAME")
-        return [str(r[args.text_col]) for r in rows]
+        if args.text_col not in table.columns:
+            raise PredictError(f"{path} has no column {args.text_col!r} (columns: {', '.join(table.columns)}); pass --text-col NAME")
+        texts = []
+        for row, at in zip(table.rows, table.where):
+            text = row.get(args.text_col)
+            if text is not None and not isinstance(text, str):
+                raise PredictError(f"{path}, {at}: the text in column {args.text_col!r} (--text-col) is "
+                                   f"{type(text).__name__} {text!r:.40}, not a string: check --text-col, or fix the row")
+            if text is None or not text.strip():
+                what = "no" if args.text_col not in row else "empty"
+                raise PredictError(f"{path}, {at}: {what} text in column {args.text_col!r} (--text-col); fill it in or remove the row")
+            texts.append(text)
+        return texts
     if args.texts:
         return list(args.texts)
     if sys.stdin is None or sys.stdin.isatty():
@@ -297,8 +358,10 @@ def main(argv=None) -> int:
     p.add_argument("--text-col", default="text")
     p.add_argument("--output", default=None, help="write a .csv or .jsonl file instead of a table")
     p.add_argument("--base", default=None, help="the LLaMA base model, when the adapter's own is not here")
-    p.add_argument("--batch-size", type=int, default=256, help="texts per call (each model batches further inside)")
-    p.add_argument("--device", default=None)
+    from .cli import device_arg, positive_int
+
+    p.add_argument("--batch-size", type=positive_int, default=256, help="texts per call (each model batches further inside)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--merge", default=None, metavar="DIR",
                    help="LLaMA only: fold the LoRA into the base and write a Hub folder transformers loads")
     args = p.parse_args(argv)
@@ -307,6 +370,12 @@ def main(argv=None) -> int:
         raise PredictError("pass a model folder or --run results/<task>/<name>.json")
     if args.run and args.model:  # the first positional is then a text
         args.texts = [args.model, *args.texts]
+    if args.merge:  # refused before the (slow) model load; checked again with the base model at the write
+        from .files import check_output_folder
+
+        cfg = Path(target) / "adapter_config.json"
+        recorded = json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.is_file() else None
+        check_output_folder(args.merge, [target, args.base or recorded], flag="--merge")
     clf = load_classifier(target, args.device, args.base, base_dtype="float32" if args.merge else None)
     if args.merge:
         if clf.kind != "llama-lora":

@@ -7,7 +7,7 @@ three places, resolved in this order (later wins):
 
 1. the registry below (`--task steam|sst2|emotion`), written exactly as a task file would be,
 2. a task file (`--task-file my_task.toml`, TOML or JSON with the same fields),
-3. command-line flags (`--label-names`, `--answers`, `--question`, `--metric`, `--text-col`, `--label-col`).
+3. command-line flags (`--label-names`, `--absent-labels`, `--answers`, `--question`, `--metric`, `--text-col`, `--label-col`).
 
 Anything left unset is filled from the data: label names from the label values (or a `label_text`
 column), answers from the label names, a generic question from the answers, and the metric that
@@ -19,6 +19,7 @@ A task file, e.g. `reviews.toml`:
     text_col = "review"
     label_col = "voted_up"
     label_names = ["not recommended", "recommended"]   # in the sorted order of the label values
+    # absent_labels = ["mixed"]   # names that are real classes but have no train examples (else an error)
     answers = ["no", "yes"]                            # one short answer per label
     question = "Does the author of this Steam review recommend the game?"
     metric = "macro_f1"                                # or "accuracy"
@@ -43,6 +44,9 @@ class TaskSpec:
     text_col: str = "text"
     label_col: str = "label"
     label_names: tuple[str, ...] | None = None  # one per label id 0..K-1 (label values in sorted order)
+    # label names that are real classes but absent from train (a small slice): without this, more label
+    # names than train classes is an error, since macro-F1 would average over classes that never occur
+    absent_labels: tuple[str, ...] | None = None
     answers: tuple[str, ...] | None = None  # one short answer per label, for the LM classifier
     question: str | None = None  # the instruction the LM classifier is given
     metric: str | None = None  # picks the best dev checkpoint; None: macro_f1 if train is imbalanced, else accuracy
@@ -60,7 +64,7 @@ class TaskSpec:
         if not isinstance(d.get("name"), str) or not d["name"].strip():
             raise TaskSpecError(f"{source}: needs a `name` (a short word, used for results/<name>/)")
         values = dict(d)
-        for key in ("label_names", "answers"):
+        for key in ("label_names", "absent_labels", "answers"):
             if values.get(key) is not None:
                 v = values[key]
                 if not isinstance(v, (list, tuple)) or not all(isinstance(x, (str, int)) for x in v):
@@ -86,6 +90,14 @@ class TaskSpec:
                 raise TaskSpecError(f"{source}: `{key}` needs at least two non-empty entries, got {list(v)}")
             if len({x.lower() for x in v}) != len(v):
                 raise TaskSpecError(f"{source}: `{key}` has duplicates ({', '.join(v)}): each label needs its own")
+        if self.absent_labels:
+            if not self.label_names:
+                raise TaskSpecError(f"{source}: `absent_labels` ({', '.join(self.absent_labels)}) needs `label_names` "
+                                    "(--label-names) that hold them")
+            unknown = [n for n in self.absent_labels if n not in self.label_names]
+            if unknown:
+                raise TaskSpecError(f"{source}: absent label(s) {', '.join(unknown)} are not among the label names "
+                                    f"({', '.join(self.label_names)})")
         if self.label_names and self.answers and len(self.label_names) != len(self.answers):
             raise TaskSpecError(f"{source}: {len(self.label_names)} label names but {len(self.answers)} answers: give one answer per label")
 

@@ -85,9 +85,12 @@ def set_seed(seed: int) -> None:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """The device asked for, else CUDA when there is one; under torchrun, a bare "cuda" means this
+    """The device asked for (one this machine has, else a ValueError saying what to pass: see
+    `cli.check_device`), else CUDA when there is one; under torchrun, a bare "cuda" means this
     process's own GPU, cuda:LOCAL_RANK."""
-    d = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .cli import check_device
+
+    d = check_device(str(device)) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if d.type == "cuda" and d.index is None and distributed.env_world_size() > 1:
         d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return d
@@ -189,6 +192,23 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
 # The loop
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse, with one line, the values that would crash the loop or quietly mean something else
+    (the command line's validators catch them earlier; this guards a TrainConfig built in code)."""
+    bad = [f"{name} {value!r}" for name, value, ok in (
+        ("epochs", cfg.epochs, cfg.epochs > 0 and math.isfinite(cfg.epochs)),
+        ("max_steps", cfg.max_steps, cfg.max_steps is None or cfg.max_steps >= 1),
+        ("grad_accum", cfg.grad_accum, cfg.grad_accum >= 1),
+        ("log_every", cfg.log_every, cfg.log_every >= 1),
+        ("eval_every", cfg.eval_every, cfg.eval_every >= 0),
+        ("max_nonfinite", cfg.max_nonfinite, cfg.max_nonfinite >= 1),
+        ("warmup_ratio", cfg.warmup_ratio, 0 <= cfg.warmup_ratio < 1),
+        ("max_grad_norm", cfg.max_grad_norm, cfg.max_grad_norm >= 0)) if not ok]
+    if bad:
+        raise ValueError(f"training config out of range: {', '.join(bad)} (counts are >= 1; eval_every 0 means once "
+                         "per epoch; warmup_ratio is in [0, 1); max_grad_norm 0 means no clipping)")
+
+
 class NonFiniteError(RuntimeError):
     """Several optimizer steps in a row had a non-finite loss or gradient."""
 
@@ -287,6 +307,7 @@ class Trainer:
         self.model, self.make_batches, self.loss_fn, self.cfg = model, make_batches, loss_fn, cfg
         self.device, self.evaluate_fn, self.tracker, self.batch_examples = device, evaluate_fn, tracker, batch_examples
         self.checkpointer = checkpointer
+        check_config(cfg)
         self.world = distributed.world()
         self.fsdp = distributed.is_sharded(model)
         self.accum = cfg.grad_accum * self.world.size  # micro-batches per optimizer step, all ranks together
@@ -517,7 +538,7 @@ class Trainer:
             setattr(self, k, meta[k])
         self.best_state = best
         self.resumed_from = self.step
-        print(f"resumed from {self.checkpointer.latest()}: step {self.step} of {self.total_steps}, "
+        print(f"resumed from {self.checkpointer.folder}: step {self.step} of {self.total_steps}, "
               f"epoch {self.epoch}, {self.position} steps into it")
 
     def _on_signal(self, signum, frame) -> None:
@@ -613,27 +634,41 @@ def config_dict(cfg: TrainConfig) -> dict:
 
 
 def add_train_args(parser, **defaults) -> None:
-    """Training options every script shares; `defaults` are the script's preset values."""
+    """Training options every script shares; `defaults` are the script's preset values. Every number
+    is checked as it is parsed (`minilab.cli`'s validators): a count is >= 1 unless 0 has a meaning
+    that its help names."""
+    from .cli import fraction, nonneg_float, nonneg_int, positive_float, positive_int, seed_int
+
     d = TrainConfig(**{k: v for k, v in defaults.items() if k in TrainConfig.__dataclass_fields__})
-    parser.add_argument("--epochs", type=float, default=None, help=f"passes over train (preset: {d.epochs})")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"examples per micro-batch (preset: {d.batch_size})")
-    parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (preset: {d.lr})")
-    parser.add_argument("--warmup-ratio", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--max-grad-norm", type=float, default=None)
+    parser.add_argument("--epochs", type=positive_float, default=None, help=f"passes over train, > 0 (preset: {d.epochs})")
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help=f"optimizer steps, >= 1 (overrides --epochs; preset: {d.max_steps or 'set by --epochs'})")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help=f"examples per micro-batch (preset: {d.batch_size})")
+    parser.add_argument("--grad-accum", type=positive_int, default=None,
+                        help=f"micro-batches per optimizer step (preset: {d.grad_accum})")
+    parser.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate (preset: {d.lr})")
+    parser.add_argument("--warmup-ratio", type=fraction, default=None,
+                        help=f"share of the steps spent warming up the learning rate, in [0, 1) (preset: {d.warmup_ratio})")
+    parser.add_argument("--weight-decay", type=nonneg_float, default=None, help=f"AdamW weight decay, >= 0 (preset: {d.weight_decay})")
+    parser.add_argument("--max-grad-norm", type=nonneg_float, default=None,
+                        help=f"clip the gradient norm to this (0: no clipping; preset: {d.max_grad_norm})")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
-    parser.add_argument("--eval-every", type=int, default=None, help="optimizer steps between dev evaluations (0: each epoch)")
-    parser.add_argument("--log-every", type=int, default=None, help=f"optimizer steps between training-log records (default {d.log_every})")
-    parser.add_argument("--max-train-seconds", type=float, default=None, help="stop training once this much time is spent")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=nonneg_int, default=None,
+                        help=f"optimizer steps between dev evaluations (0: once per epoch; preset: {d.eval_every})")
+    parser.add_argument("--log-every", type=positive_int, default=None, help=f"optimizer steps between training-log records (default {d.log_every})")
+    parser.add_argument("--max-train-seconds", type=positive_float, default=None, help="stop training once this much time is spent")
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
-    parser.add_argument("--max-nonfinite", type=int, default=None, help="non-finite steps in a row that stop the run (default 3)")
-    parser.add_argument("--save-every", type=int, default=None, help="optimizer steps between checkpoints (default: at each evaluation)")
-    parser.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: runs/<task>/<name>-checkpoint)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
-    parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
+    parser.add_argument("--max-nonfinite", type=positive_int, default=None,
+                        help="non-finite steps in a row that stop the run (default 3; 1: the first one stops it)")
+    parser.add_argument("--save-every", type=nonneg_int, default=None,
+                        help="optimizer steps between checkpoints (default, or 0: at each evaluation)")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="where checkpoints go (default: runs/<task>/<name>-checkpoint); a new run over an unfinished "
+                             "run's checkpoints is refused (see --resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in --checkpoint-dir (an earlier one if it is damaged)")
+    parser.add_argument("--dist-timeout", type=positive_float, default=distributed.DEFAULT_TIMEOUT,
                         help="several processes (torchrun): seconds to wait for a silent peer before giving up")
 
 

@@ -81,7 +81,7 @@ def test_empty_text(tmp_path):
     bad = ROWS[:3] + [{"text": "  ", "label": 1}]
     _write(tmp_path / "d", "train.jsonl", bad)
     _write(tmp_path / "d", "test.jsonl", ROWS)
-    with pytest.raises(DataError, match="row 5: empty text"):
+    with pytest.raises(DataError, match=r"train\.jsonl, line 4: empty text"):  # the file's own line (no header)
         load_task(str(tmp_path / "d"))
 
 
@@ -128,7 +128,10 @@ def test_labels_1_and_2_are_two_classes_named_after_their_values(tmp_path):
 
 def test_more_names_than_train_classes_index_the_names(tmp_path):
     _splits(tmp_path / "d", [{"text": f"t{i}", "label": i % 2} for i in range(10)])
-    data = load_task(str(tmp_path / "d"), spec=resolve_spec(data=str(tmp_path / "d"), label_names=("a", "b", "c")))
+    with pytest.raises(DataError, match=r"3 label names \(a, b, c\) but train has 2 classes .* --absent-labels c"):
+        load_task(str(tmp_path / "d"), spec=resolve_spec(data=str(tmp_path / "d"), label_names=("a", "b", "c")))
+    data = load_task(str(tmp_path / "d"), spec=resolve_spec(data=str(tmp_path / "d"), label_names=("a", "b", "c"),
+                                                            absent_labels=("c",)))  # declared: a class train lacks
     assert data.label_names == ["a", "b", "c"] and data.train.labels[:2] == [0, 1]
     assert any("label(s) c have no train examples" in n for n in data.notes)
 
@@ -170,7 +173,7 @@ def test_mixed_label_types_is_one_line(tmp_path):
 @pytest.mark.parametrize("bad", [0.5, None, [1]])
 def test_unusable_label_value_is_one_line(tmp_path, bad):
     _splits(tmp_path / "d", [{"text": "a", "label": 0}, {"text": "b", "label": 1}, {"text": "c", "label": bad}], ext="jsonl")
-    with pytest.raises(DataError, match=r"row 4: label .* is not a class"):
+    with pytest.raises(DataError, match=r"train\.jsonl, line 3: label .* is not a class"):
         load_task(str(tmp_path / "d"))
 
 
