@@ -1,9 +1,11 @@
 # minilab: `make lab` runs the whole lab, `make test` the tests. Each installs what it needs into .venv.
 #
-#   make lab  [TASK=steam|sst2|emotion] [DATA=folder-or-hub-id] [PRESET=cpu|gpu] [FORCE=1] [NPROC=N]
+#   make lab  [TASK=steam|sst2|emotion] [DATA=folder-or-hub-id] [PRESET=cpu|gpu] [FORCE=1] [RESUME=1] [NPROC=N]
 #   make test          every test, the slow end-to-end ones included (CI runs this)
 #   make test-fast     skip the tests marked slow
 #   make bench         speed benchmarks against the transformers / TRL reference stacks, and 1 vs 2 processes
+#   make profile       where one BERT and one DPO training step spend their time, by op kind
+#   make gpu-check     on a CUDA machine: cuda tests, BERT-base / Llama-1B-sized steps, fp16, a short DPO run
 
 PYTHON ?= python3
 VENV   := .venv
@@ -48,13 +50,15 @@ lab: install
 
 # $(call step,NAME,SCRIPT,ARGS[,LAUNCHER]): run SCRIPT (with LAUNCHER, default python) unless results/<task>/NAME.json is newer than its inputs
 # (the script, the package, the data files) and was made by the same command line (task, data,
-# preset and options: kept in results/<task>/.NAME.cmd); FORCE=1 always reruns.
+# preset and options: kept in results/<task>/.NAME.cmd); FORCE=1 always reruns. RESUME=1: a training step that reruns
+# passes --resume, so an interrupted run continues from its checkpoint (the stamp leaves --resume out).
+RESUME_ARG = $(if $(RESUME),--resume,)
 define step
 	@cmd="$(or $(4),$(BIN)/python) $(2) --task $(TASK) $(DATA_ARG) $(3)"; stamp="$(RESULTS)/.$(1).cmd"; \
 	if [ -n "$(FORCE)" ] || [ ! -f $(RESULTS)/$(1).json ] || [ "$$(cat "$$stamp" 2>/dev/null)" != "$$cmd" ] \
 		|| [ -n "$$(find $(2) $(STEP_DEPS) -newer $(RESULTS)/$(1).json 2>/dev/null | head -1)" ]; then \
-		echo "== $(1): $$cmd"; \
-		$$cmd && echo "$$cmd" > "$$stamp"; \
+		echo "== $(1): $$cmd $(if $(5),$(RESUME_ARG),)"; \
+		$$cmd $(if $(5),$(RESUME_ARG),) && echo "$$cmd" > "$$stamp"; \
 	else echo "== $(1): $(RESULTS)/$(1).json is up to date (FORCE=1 to rerun)"; fi
 endef
 
@@ -62,10 +66,10 @@ baseline: install
 	$(call step,baseline,baseline.py,)
 
 bert: install
-	$(call step,bert,train_bert.py,--preset $(PRESET),$(TRAIN_LAUNCH))
+	$(call step,bert,train_bert.py,--preset $(PRESET),$(TRAIN_LAUNCH),resumable)
 
 llama: install
-	$(call step,llama,train_dpo.py,--preset $(PRESET),$(TRAIN_LAUNCH))
+	$(call step,llama,train_dpo.py,--preset $(PRESET),$(TRAIN_LAUNCH),resumable)
 
 report: install
 	$(BIN)/python -m minilab.report --task $(TASK)

@@ -195,6 +195,18 @@ def cached_tensor_list(path: Path, rows: list[int], compute) -> tuple[list[torch
     return tensors, False
 
 
+def read_kept_json(path: Path):
+    """A kept result (the zero-shot scores) read back, or None (with a note when it is damaged: it is
+    then computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        print(f"note: {path} is damaged ({type(e).__name__}: {e}): evaluating again")
+        return None
+
+
 def prepare_dataset(data, tokenizer, max_text_tokens: int, batch_size: int, seed: int, keep: str | None = None,
                     all_wrong: bool = False, balance: str = "none", max_pairs: int | None = None,
                     splits=("train", "dev", "test")):
@@ -304,13 +316,13 @@ def main(argv=None) -> int:
         before.append(stream(model, tokenizer, prefix + test_prompts[i], args.max_new_tokens, device))
     t_eval = time.time()
     zero_file = checkpointer.dir / "zero_shot.json"  # kept, so that a resumed run does not evaluate it again
-    if checkpointer.meta is not None and zero_file.is_file():
-        zero_shot, zero_gen = json.loads(zero_file.read_text())
+    kept = read_kept_json(zero_file) if checkpointer.meta is not None else None
+    if kept is not None:
+        zero_shot, zero_gen = kept
     else:
         zero_shot, zero_gen, _, _ = evaluate_test(model)
         if world.is_main:
-            checkpointer.dir.mkdir(parents=True, exist_ok=True)
-            zero_file.write_text(json.dumps([zero_shot, zero_gen]))
+            atomic_write(zero_file, json.dumps([zero_shot, zero_gen]))
     print(f"      zero-shot on test ({test_n}): label scoring {fmt_score(zero_shot)}, macro-F1 {zero_shot['macro_f1']:.3f}; "
           f"free generation {fmt_score(zero_gen)} ({zero_gen['unparsed']} unparsed) [{time.time() - t_eval:.0f}s]")
 

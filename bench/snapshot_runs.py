@@ -6,8 +6,9 @@
 
 Each run (tiny random BERT and LLaMA, a slice of the real steam data, fixed seed, one thread) is
 fingerprinted by sha256: the results JSON without its wall-clock, memory and path fields, every
-saved weight file, and the metrics log without its wall-clock fields. Runs: BERT, DPO, and DPO
-killed by SIGKILL after step 3 and resumed (its fingerprints must equal the uninterrupted DPO's).
+saved weight file, and the metrics log without its wall-clock fields. Runs: BERT, DPO, DPO killed
+by SIGKILL after step 3 and resumed (its fingerprints must equal the uninterrupted DPO's), and DPO
+under torchrun with 2 processes, DDP and FSDP2.
 """
 
 from __future__ import annotations
@@ -120,13 +121,13 @@ def main() -> int:
     assert r.returncode == 0, r.stderr[-3000:]
     prints["bert"] = fingerprint(o, o / "steam", "bert", o / "saved")
 
-    def dpo(o: Path, fault: str | None = None, resume: bool = False):
-        a = ["train_dpo.py", "--data", str(data), "--model", str(llama), "--max-pairs", "16", "--batch-size", "4",
+    def dpo(o: Path, fault: str | None = None, resume: bool = False, launch: list[str] = (), extra: list[str] = ()):
+        a = [*launch, "train_dpo.py", "--data", str(data), "--model", str(llama), "--max-pairs", "16", "--batch-size", "4",
              "--max-steps", "6", "--test-limit", "8", "--eval-limit", "8", "--eval-every", "2", "--max-new-tokens", "3",
              "--lr", "1e-3", "--out", str(o), "--save-dir", str(o / "adapter"), "--no-progress",
              "--checkpoint-dir", str(o / "ck"), "--ref-cache", str(o / "ref")]
         e = dict(env, **({"MINILAB_FAULT": fault} if fault else {}))
-        return run(repo, a + (["--resume"] if resume else []), e)
+        return run(repo, a + list(extra) + (["--resume"] if resume else []), e)
 
     o = work / "dpo-run"
     r = dpo(o)
@@ -139,6 +140,15 @@ def main() -> int:
     r = dpo(o, resume=True)
     assert r.returncode == 0, r.stderr[-3000:]
     prints["dpo-resumed"] = fingerprint(o, o / "steam", "llama", o / "adapter")
+
+    # Two processes (torchrun, gloo): DDP, and FSDP2 over the base. Their own fingerprints (a sum across
+    # ranks rounds differently from one process's accumulation, so they are compared with themselves).
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for name, extra in (("dpo-ddp", []), ("dpo-fsdp", ["--fsdp"])):
+        o = work / name
+        r = dpo(o, launch=torchrun, extra=extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        prints[name] = fingerprint(o, o / "steam", "llama", o / "adapter")
 
     text = json.dumps(prints, indent=1)
     print(text)

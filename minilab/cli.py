@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -18,16 +19,26 @@ def run_main(main: Callable[[], int]) -> NoReturn:
     from .distributed import PeerLost, shutdown
     from .train import NonFiniteError, TrainingInterrupted
 
+    lost = False
     try:
         code = main()
     except (DataError, HubError, ValueError, OSError, NonFiniteError, PeerLost) as e:
         print(f"error: {e}", file=sys.stderr)
-        code = 2
+        code, lost = 2, isinstance(e, PeerLost)
     except TrainingInterrupted as e:  # the loop saved a checkpoint first
         print(f"interrupted: {e}", file=sys.stderr)
         code = 143 if "SIGTERM" in str(e) else 130
     finally:
-        shutdown()
+        if not lost:
+            shutdown()
+    if lost:
+        # The process group is broken: leaving it, or the interpreter's own teardown, can meet gloo's
+        # background threads still talking to the dead peer and abort ("terminate called without an
+        # active exception", exit -6). Everything this run writes is written atomically already, so
+        # flush and leave at once, with the exit code the message promised.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

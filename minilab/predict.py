@@ -364,7 +364,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--merge", default=None, metavar="DIR",
                    help="LLaMA only: fold the LoRA into the base and write a Hub folder transformers loads")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # texts may come after options: predict ADAPTER --base X "a text"
     target = args.run or args.model
     if target is None:
         raise PredictError("pass a model folder or --run results/<task>/<name>.json")

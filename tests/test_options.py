@@ -37,14 +37,14 @@ def _parser(script) -> argparse.ArgumentParser:
         seen["p"] = self
         raise _Caught
 
-    orig = argparse.ArgumentParser.parse_args
-    argparse.ArgumentParser.parse_args = grab
+    orig = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_intermixed_args
+    argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_intermixed_args = grab
     try:
         SCRIPTS[script]([])
     except _Caught:
         pass
     finally:
-        argparse.ArgumentParser.parse_args = orig
+        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_intermixed_args = orig
     return seen["p"]
 
 

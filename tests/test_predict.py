@@ -56,6 +56,8 @@ def test_cli_reads_a_file_and_writes_jsonl(trained, tiny_steam, tmp_path):
     assert "texts/s" in res.stderr
     table = run(["-m", "minilab.predict", str(trained / "baseline"), "a great game", "buggy mess"])
     assert table.returncode == 0 and table.stdout.count("\n") == 4  # header, rule, two rows
+    mixed = run(["-m", "minilab.predict", str(trained / "baseline"), "--batch-size", "1", "a great game", "buggy mess"])
+    assert mixed.returncode == 0 and mixed.stdout == table.stdout  # texts after an option are texts too
 
 
 def test_merged_llama_loads_in_transformers_with_equal_logits(trained, tmp_path):

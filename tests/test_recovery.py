@@ -217,3 +217,15 @@ def test_a_damaged_reference_cache_is_computed_again_with_a_note(tmp_path, capsy
     again = train_dpo.load_tensor_list(path, [4, 6])  # rewritten whole
     assert again is not None and all(torch.equal(a, b) for a, b in zip(again, refs))
     assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temporary file left
+
+
+def test_a_damaged_kept_zero_shot_file_is_evaluated_again_with_a_note(tmp_path, capsys, train_dpo):
+    path = tmp_path / "zero_shot.json"
+    assert train_dpo.read_kept_json(path) is None  # none kept yet
+    path.write_text(json.dumps([{"accuracy": 0.5}, {"accuracy": 0.25}]))
+    assert train_dpo.read_kept_json(path) == [{"accuracy": 0.5}, {"accuracy": 0.25}]
+    capsys.readouterr()
+    path.write_text('[{"accuracy": 0.5}, {"accur')  # cut off mid-write by an older version
+    assert train_dpo.read_kept_json(path) is None
+    out = capsys.readouterr().out
+    assert out.startswith(f"note: {path} is damaged (JSONDecodeError") and out.strip().endswith("evaluating again")
