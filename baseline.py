@@ -8,26 +8,27 @@ on test, with a 95% interval, since small test splits make every accuracy a nois
     python baseline.py                          # steam, from $MINILAB_DATA/steam or the Hub
     python baseline.py --data ../shared/data/sst2 --out results
 
-Writes results/<task>/baseline.json.
+Writes results/<task>/baseline.json. Each step is a function of the `Run` it fills in (a notebook
+can run them one at a time: `run = load_data(parse_args([])); check_save_dir(run); features(run)`).
 """
-
-from __future__ import annotations
 
 import argparse
 import importlib
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from minilab import results
 from minilab.cli import nonneg_int, positive_float, positive_int, run_main, seed_int
-from minilab.data import add_data_args, load_task_from_args
+from minilab.data import TaskData, add_data_args, load_task_from_args
 from minilab.files import check_output_folder
 from minilab.metrics import evaluate_predictions
-from minilab.predict import save_baseline
-from minilab.results import command_line, fmt_score, peak_rss_mb, write_results
-from minilab.tfidf import TfidfVectorizer, fit_logistic_regression
+from minilab.results import command_line, fmt_score, peak_rss_mb
+from minilab.run_outputs import wrong_examples
+from minilab.tfidf import LogisticRegression, TfidfVectorizer, fit_logistic_regression, save_baseline
 
 GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # C: inverse L2 strength; large C = trust the data more
 
@@ -46,74 +47,106 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+@dataclass
+class Run:
+    """What the steps share. `load_data` makes it; each later step reads what the earlier ones set
+    and adds its own fields (listed below by step), so that a notebook can run the steps one cell
+    at a time and look at any of them in between."""
+
+    args: argparse.Namespace
+    data: TaskData  # 1. load_data
+    save_dir: Path | None = None  # check_save_dir
+    vec: TfidfVectorizer | None = None  # 2. features: (N, V) sparse rows per split
+    x_train: torch.Tensor | None = None
+    x_dev: torch.Tensor | None = None
+    x_test: torch.Tensor | None = None
+    vec_seconds: float = 0.0
+    grid: list = field(default_factory=list)  # 3. pick_c: one row per C (dev scores, seconds, L-BFGS info)
+    best: dict | None = None  # the row picked
+    C: float = 0.0
+    model: LogisticRegression | None = None
+    fit_seconds: float = 0.0
+    search_seconds: float = 0.0
+    majority: int = 0  # 4. evaluate_on_test: the most common training label
+    zero_shot: dict | None = None
+    dev: dict | None = None
+    pred: list = field(default_factory=list)
+    test: dict | None = None
+    wrong: list = field(default_factory=list)
+    payload: dict = field(default_factory=dict)  # 5. write_results: what the results file holds
+
+
+def load_data(args) -> Run:
+    """1. Data: three splits of (text, label), checked once by the shared loader."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    return Run(args, load_task_from_args(args))
 
-    # %% 1. Data: three splits of (text, label), checked once by the shared loader.
-    data = load_task_from_args(args)
-    K, names = data.num_labels, data.label_names
-    print(f"task {data.task}: {data.sizes()}  labels {names}")
-    save_dir = Path(args.save_dir or f"runs/{data.task}/baseline")
-    # Checked now, before any fit: a folder holding files minilab did not write, the data or the results is refused.
-    check_output_folder(save_dir, [data.source], outputs=[args.out])
 
-    # %% 2. Features: the vocabulary and idf come from train only; dev and test are just mapped onto them.
+def check_save_dir(run: Run) -> None:
+    """Checked now, before any fit: a folder holding files minilab did not write, the data or the results is refused."""
+    run.save_dir = Path(run.args.save_dir or f"runs/{run.data.task}/baseline")
+    check_output_folder(run.save_dir, [run.data.source], outputs=[run.args.out])
+
+
+def features(run: Run) -> None:
+    """2. Features: the vocabulary and idf come from train only; dev and test are just mapped onto them."""
     t0 = time.perf_counter()
-    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=args.min_df, sublinear_tf=True)
-    x_train = vec.fit_transform(data.train.texts)  # (N_train, V) sparse
-    vec_seconds = time.perf_counter() - t0
-    x_dev, x_test = vec.transform(data.dev.texts), vec.transform(data.test.texts)
-    print(f"tf-idf: {x_train.shape[1]:,} terms (1-2-grams, min_df={args.min_df}) in {vec_seconds:.2f}s")
+    run.vec = TfidfVectorizer(ngram_range=(1, 2), min_df=run.args.min_df, sublinear_tf=True)
+    run.x_train = run.vec.fit_transform(run.data.train.texts)  # (N_train, V) sparse
+    run.vec_seconds = time.perf_counter() - t0
+    run.x_dev, run.x_test = run.vec.transform(run.data.dev.texts), run.vec.transform(run.data.test.texts)
 
-    # %% 3. Pick C on dev: one fit per C on train, scored on dev. Test is not looked at.
-    # The score is the task's metric (macro-F1 for emotion; by default macro-F1 when train is imbalanced).
-    metric = data.metric
+
+def pick_c(run: Run) -> None:
+    """3. Pick C on dev: one fit per C on train, scored on dev (a table row each). Test is not looked at.
+    The score is the task's metric (macro-F1 for emotion; by default macro-F1 when train is imbalanced)."""
+    data, K, metric = run.data, run.data.num_labels, run.data.metric
     importlib.import_module("torch._dynamo")  # torch.optim imports it on first use (~2 s): pay that outside any fit's time
     print(f"{'C':>8} {'iters':>6} {'secs':>6}  dev accuracy [95% CI]      macro-F1")
-    grid, fits = [], {}
+    run.grid, fits = [], {}
     t_search = time.perf_counter()
-    for C in args.grid:
+    for C in run.args.grid:
         t0 = time.perf_counter()
-        model, info = fit_logistic_regression(x_train, data.train.labels, K, C=C)
+        model, info = fit_logistic_regression(run.x_train, data.train.labels, K, C=C)
         seconds = time.perf_counter() - t0
-        dev = evaluate_predictions(data.dev.labels, model.predict(x_dev), K)
+        dev = evaluate_predictions(data.dev.labels, model.predict(run.x_dev), K)
         fits[C] = (model, seconds)
-        grid.append({"C": C, "dev_accuracy": dev["accuracy"], "dev_macro_f1": dev["macro_f1"], "seconds": seconds, **info})
+        run.grid.append({"C": C, "dev_accuracy": dev["accuracy"], "dev_macro_f1": dev["macro_f1"], "seconds": seconds, **info})
         print(f"{C:>8g} {info['iterations']:>6} {seconds:>6.2f}  {fmt_score(dev):<26} {dev['macro_f1']:.3f}"
               + ("" if info["converged"] else "  (hit max_iter)"))
-    search_seconds = time.perf_counter() - t_search + vec_seconds
+    run.search_seconds = time.perf_counter() - t_search + run.vec_seconds
     # Best dev score; ties go to the other metric, then to the smaller C (the simpler model).
     other = "macro_f1" if metric == "accuracy" else "accuracy"
-    best = max(grid, key=lambda r: (r[f"dev_{metric}"], r[f"dev_{other}"], -r["C"]))
-    C = best["C"]
-    model, fit_seconds = fits[C]
-    print(f"picked C={C:g} (best dev {metric}: {best[f'dev_{metric}']:.3f})")
+    run.best = max(run.grid, key=lambda r: (r[f"dev_{metric}"], r[f"dev_{other}"], -r["C"]))
+    run.C = run.best["C"]
+    run.model, run.fit_seconds = fits[run.C]
 
-    # %% 4. Test, once. The "zero-shot" row is the best you can do with no training at all:
-    # always answer the most common training label.
-    majority = Counter(data.train.labels).most_common(1)[0][0]
-    zero_shot = evaluate_predictions(data.test.labels, [majority] * len(data.test), K)
-    dev = evaluate_predictions(data.dev.labels, model.predict(x_dev), K)
-    pred = model.predict(x_test)
-    test = evaluate_predictions(data.test.labels, pred, K)
-    print(f"majority class ({names[majority]}): test accuracy {fmt_score(zero_shot)}  macro-F1 {zero_shot['macro_f1']:.3f}")
-    print(f"tfidf-logreg C={C:g}: test accuracy {fmt_score(test)}  macro-F1 {test['macro_f1']:.3f}")
 
-    wrong = [i for i, (y, p) in enumerate(zip(data.test.labels, pred)) if y != p][: args.show_wrong]
-    for i in wrong[:3]:
-        print(f"  wrong: true={names[data.test.labels[i]]} pred={names[pred[i]]}  {data.test.texts[i][:100]!r}")
+def evaluate_on_test(run: Run) -> None:
+    """4. Test, once. The "zero-shot" row is the best you can do with no training at all: always
+    answer the most common training label."""
+    data, K = run.data, run.data.num_labels
+    run.majority = Counter(data.train.labels).most_common(1)[0][0]
+    run.zero_shot = evaluate_predictions(data.test.labels, [run.majority] * len(data.test), K)
+    run.dev = evaluate_predictions(data.dev.labels, run.model.predict(run.x_dev), K)
+    run.pred = run.model.predict(run.x_test)
+    run.test = evaluate_predictions(data.test.labels, run.pred, K)
+    run.wrong = wrong_examples(data.test.texts, data.test.labels, run.pred, data.label_names, limit=run.args.show_wrong)
 
-    # %% 5. The results file. train_seconds is the cost of the model we report (features + one fit);
-    # search_seconds adds the other grid points, the honest price of choosing C.
-    train_seconds = vec_seconds + fit_seconds
-    payload = {
+
+def write_results(run: Run) -> Path:
+    """5. The fitted model, saved for minilab.predict, and the results file. train_seconds is the
+    cost of the model we report (features + one fit); search_seconds adds the other grid points,
+    the honest price of choosing C."""
+    args, data, names, C = run.args, run.data, run.data.label_names, run.C
+    train_seconds = run.vec_seconds + run.fit_seconds
+    run.payload = {
         "task": data.task,
         "model": f"tfidf-logreg (word 1-2-grams, sublinear tf, C={C:g})",
         "split_sizes": data.sizes(),
-        "zero_shot": {**zero_shot, "predictor": f"majority class ({names[majority]})"},
-        "fine_tuned": test,
+        "zero_shot": {**run.zero_shot, "predictor": f"majority class ({names[run.majority]})"},
+        "fine_tuned": run.test,
         "train_seconds": train_seconds,
         "examples_per_second": len(data.train) / train_seconds,
         "peak_rss_mb": peak_rss_mb(),
@@ -121,22 +154,44 @@ def main(argv=None) -> int:
         "dtype": "float32",
         "seed": args.seed,
         "command": command_line(),
-        "dev": dev,
+        "dev": run.dev,
         "C": C,
-        "selected_by": f"dev {metric}",
-        "grid": grid,
-        "search_seconds": search_seconds,
-        "num_features": x_train.shape[1],
+        "selected_by": f"dev {data.metric}",
+        "grid": run.grid,
+        "search_seconds": run.search_seconds,
+        "num_features": run.x_train.shape[1],
         "label_names": names,
-        "predictions": pred,
-        "test_texts_wrong": [
-            {"text": data.test.texts[i], "true": names[data.test.labels[i]], "pred": names[pred[i]]} for i in wrong
-        ],
+        "predictions": run.pred,
+        "test_texts_wrong": run.wrong,
     }
-    save_baseline(save_dir, vec, model, names, protect=[data.source, args.out])
-    payload["save_dir"] = str(save_dir.resolve())  # absolute: `predict --run` works from any folder
-    path = write_results(payload, "baseline", root=args.out)
-    print(f"wrote {path}  (train {train_seconds:.2f}s, search {search_seconds:.2f}s, peak RSS {payload['peak_rss_mb']:.0f} MB)")
+    save_baseline(run.save_dir, run.vec, run.model, names, protect=[data.source, args.out])
+    run.payload["save_dir"] = str(run.save_dir.resolve())  # absolute: `predict --run` works from any folder
+    return results.write_results(run.payload, "baseline", root=args.out)
+
+
+def main(argv=None) -> int:
+    run = load_data(parse_args(argv))
+    data, names = run.data, run.data.label_names
+    print(f"task {data.task}: {data.sizes()}  labels {names}")
+    check_save_dir(run)
+
+    features(run)
+    print(f"tf-idf: {run.x_train.shape[1]:,} terms (1-2-grams, min_df={run.args.min_df}) in {run.vec_seconds:.2f}s")
+
+    pick_c(run)
+    print(f"picked C={run.C:g} (best dev {data.metric}: {run.best[f'dev_{data.metric}']:.3f})")
+
+    evaluate_on_test(run)
+    print(f"majority class ({names[run.majority]}): test accuracy {fmt_score(run.zero_shot)}  "
+          f"macro-F1 {run.zero_shot['macro_f1']:.3f}")
+    print(f"tfidf-logreg C={run.C:g}: test accuracy {fmt_score(run.test)}  macro-F1 {run.test['macro_f1']:.3f}")
+    for w in run.wrong[:3]:
+        print(f"  wrong: true={w['true']} pred={w['pred']}  {w['text'][:100]!r}")
+
+    path = write_results(run)
+    r = run.payload
+    print(f"wrote {path}  (train {r['train_seconds']:.2f}s, search {r['search_seconds']:.2f}s, "
+          f"peak RSS {r['peak_rss_mb']:.0f} MB)")
     return 0
 
 

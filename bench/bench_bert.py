@@ -50,7 +50,8 @@ from minilab.data import default_data, load_task  # noqa: E402
 from minilab.hub import package_dir  # noqa: E402
 from minilab.report import markdown_table  # noqa: E402
 from minilab.results import PeakRss  # noqa: E402
-from minilab.train import TrainConfig, length_grouped_batches, train  # noqa: E402
+from minilab.batching import length_grouped_batches  # noqa: E402
+from minilab.train import TrainConfig, train  # noqa: E402
 
 LR, WEIGHT_DECAY, WARMUP_RATIO, MAX_GRAD_NORM = 1e-4, 0.01, 0.06, 1.0  # train_bert.py's cpu preset
 OURS, PLAIN, THEIRS = "minilab (ours)", "minilab, plain bert.py", "transformers loop"

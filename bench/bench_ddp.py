@@ -68,8 +68,9 @@ def worker(args) -> None:
     from minilab.bert_fast import speed_up, use_fast
     from minilab.data import load_task
     from minilab.hub import package_dir
-    from minilab.predict import bert_encode
-    from minilab.train import TrainConfig, Trainer, length_grouped_batches
+    from minilab.bert_infer import bert_encode
+    from minilab.batching import length_grouped_batches
+    from minilab.train import TrainConfig, Trainer
     from minilab.weights import load_bert_classifier
 
     device = torch.device("cpu")

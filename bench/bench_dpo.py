@@ -143,10 +143,12 @@ def prepare(args, tokenizer):
 
 
 def run_ours(args) -> dict:
-    from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
+    from minilab.dpo import dpo_loss, reference_logps, split_pairs
+    from minilab.scoring import answer_logps
     from minilab.weights import load_llama
     from minilab.lora import apply_lora, count_parameters
-    from minilab.train import TrainConfig, autocast, train
+    from minilab.precision import autocast
+    from minilab.train import TrainConfig, train
 
     device = torch.device("cpu")
     t0 = time.perf_counter()

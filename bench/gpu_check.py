@@ -8,7 +8,7 @@ The checks, each in its own try/except so that one failure still prints the othe
 1. CUDA tests: `pytest -m cuda` over the test files that carry the `cuda` marker (they skip without CUDA).
 2. BERT-base-sized training: `minilab.bert` with bert-base-uncased's published config (hidden 768,
    12 layers, 12 heads, intermediate 3072, vocab 30522, 512 positions), random weights, batch 32 x
-   512 tokens: bf16 autocast, fused AdamW (`minilab.train.make_optimizer`), SDPA restricted to its
+   512 tokens: bf16 autocast, fused AdamW (`minilab.optim.make_optimizer`), SDPA restricted to its
    fused kernels (flash / memory-efficient / cuDNN: a fall-back to the math kernel fails the check).
 3. Llama-3.2-1B-sized training: `minilab.llama` with Llama-3.2-1B's config (hidden 2048, 16 layers,
    32 heads, 8 key/value heads, intermediate 8192, vocab 128256, rope theta 500000 with llama3
@@ -165,7 +165,8 @@ def _init_normal(model: nn.Module, std: float = 0.02) -> None:
 def _time_training(model, make_batch, loss_of, device, steps: int, warmup: int) -> dict:
     """Train `steps` timed steps after `warmup` untimed ones; bf16 autocast (CUDA and CPU), fused
     AdamW, gradient clipping. Returns seconds, losses, whether the optimizer is fused, peak memory."""
-    from minilab.train import autocast, make_optimizer
+    from minilab.optim import make_optimizer
+    from minilab.precision import autocast
 
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.01)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -310,7 +311,7 @@ def check_fp16(args, device) -> Outcome:
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError("non-finite weights after training")
     if device.type == "cuda":
-        if trainer.amp_dtype != torch.float16 or trainer.scaler is None or not trainer.scaler.is_enabled():
+        if trainer.amp_dtype != torch.float16 or not trainer.scaler.is_enabled():
             raise RuntimeError(f"fp16 should autocast to float16 with a GradScaler: got {trainer.amp_dtype}, "
                                f"scaler {trainer.scaler}")
         scale = trainer.scaler.get_scale()
@@ -318,7 +319,7 @@ def check_fp16(args, device) -> Outcome:
             raise RuntimeError(f"gradient scale {scale}")
         how = f"float16 autocast, GradScaler scale {scale:g}"
     else:
-        if trainer.scaler is not None:
+        if trainer.scaler.is_enabled():
             raise RuntimeError("a GradScaler on the CPU")
         how = "dry run: bf16 on the CPU (fp16 + scaler needs CUDA), no scaler"
     return Outcome("PASS", f"{how}; {steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "

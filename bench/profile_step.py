@@ -152,7 +152,8 @@ def breakdown(prof, wall_seconds: float, steps: int) -> tuple[dict[str, float], 
 
 
 def _trainer(model, batches, loss_fn, preset: dict, steps: int, batch_examples=len):
-    from minilab.train import Progress, TrainConfig, Trainer
+    from minilab.progress import Progress
+    from minilab.train import TrainConfig, Trainer
 
     values = {k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**{**values, "max_steps": steps, "progress": False, "log_every": 10**9, "seed": 0})
@@ -187,9 +188,10 @@ def setup_bert(args, n_batches: int):
 
 def setup_dpo(args, n_batches: int):
     import bench_dpo
-    from minilab.dpo import answer_logps, dpo_loss, reference_logps, split_pairs
+    from minilab.dpo import dpo_loss, reference_logps, split_pairs
+    from minilab.scoring import answer_logps
     from minilab.lora import apply_lora
-    from minilab.train import autocast
+    from minilab.precision import autocast
     from minilab.weights import load_llama
     from train_dpo import PRESETS
 

@@ -3,7 +3,9 @@
 A checkpoint is everything the training loop would otherwise lose: the trainable weights (the LoRA
 tensors for DPO, every weight for BERT), the optimizer, the schedule, the gradient scaler, every
 random generator, where in which epoch the loop stood, the best-on-dev weights and score, and the
-run's resolved config, so that a resumed run can refuse to continue a different one. Layout:
+run's resolved config (every option but `options.RESUME_SAFE`), so that a resumed run can refuse to
+continue a different one. `hooks.Checkpoints` gathers that state from the loop and puts it back;
+this module writes, checks and finds the files. Layout:
 
     <checkpoint-dir>/
         latest                    the name of the newest complete checkpoint, e.g. "step-000120"
@@ -53,8 +55,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-# Fields of a run's config that may change between a run and its resumption.
-MAY_DIFFER = ("progress", "save_every", "max_train_seconds", "log_every")
+from .options import RESUME_SAFE
+
 # What trainer.json must hold for the loop and the metrics log to resume from it.
 META_FIELDS = ("step", "epoch", "position", "examples", "train_seconds", "best_metric", "best_step", "nonfinite",
                "nonfinite_in_row", "metrics_lines", "config")
@@ -80,8 +82,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """'name: saved -> current' for every config field that differs (fields in MAY_DIFFER aside)."""
-    keys = sorted((set(saved) | set(current)) - set(MAY_DIFFER))
+    """'name: saved -> current' for every config field that differs (`options.RESUME_SAFE` aside)."""
+    keys = sorted((set(saved) | set(current)) - set(RESUME_SAFE))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 

@@ -10,7 +10,7 @@ torchrun starts the processes and sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
 LOCAL_RANK). Without them (a plain `python train_bert.py`) everything here is a no-op: one
 process, rank 0, and the helpers return their input.
 
-What the scripts and the loop do with it (see `train.Trainer` for the gradients):
+What the scripts and the loop do with it (`minilab/strategy.py` combines the gradients of a step):
 
 * **Every rank runs every step of a script**; only rank 0 prints (the other ranks' stdout goes to
   /dev/null: their errors still reach stderr), shows progress, logs metrics (JSONL, W&B), writes
@@ -82,11 +82,23 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def pick_device(device: str | None = None) -> torch.device:
+    """The device asked for (one this machine has, else a ValueError saying what to pass: see
+    `cli.check_device`), else CUDA when there is one; under torchrun, a bare "cuda" means this
+    process's own GPU, cuda:LOCAL_RANK."""
+    from .cli import check_device
+
+    d = check_device(str(device)) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.type == "cuda" and d.index is None and env_world_size() > 1:
+        d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return d
+
+
 def init(timeout: float | None = None, device: torch.device | None = None) -> World:
     """Join the process group that torchrun's environment describes; a no-op for one process.
 
     The backend is nccl when `device` is a CUDA device (which must be cuda:LOCAL_RANK: see
-    `train.pick_device`), gloo otherwise. `timeout` (seconds) bounds every collective: a rank that
+    `pick_device`), gloo otherwise. `timeout` (seconds) bounds every collective: a rank that
     hears nothing from a peer for that long gives up with `PeerLost`.
     """
     global _WORLD
@@ -260,9 +272,9 @@ def unsharded(model: torch.nn.Module):
 
 
 def full_sequence_logps(model, batch: dict, prefix_ids: torch.Tensor | None) -> torch.Tensor:
-    """`dpo.answer_logps` in one forward call: [prefix, prompt, answer] as one sequence per answer
+    """`scoring.answer_logps` in one forward call: [prefix, prompt, answer] as one sequence per answer
     (no KV cache shared between calls: see the module docstring on FSDP)."""
-    from .dpo import answer_logps_separate
+    from .scoring import answer_logps_separate
 
     p_ids, p_mask = batch["prompt_ids"], batch["prompt_mask"]
     if prefix_ids is not None:
@@ -270,3 +282,18 @@ def full_sequence_logps(model, batch: dict, prefix_ids: torch.Tensor | None) -> 
         p_ids = torch.cat([prefix_ids.expand(B, -1), p_ids], dim=1)
         p_mask = torch.cat([torch.ones_like(prefix_ids).expand(B, -1).to(p_mask.dtype), p_mask], dim=1)
     return answer_logps_separate(model, p_ids, p_mask, batch["answer_ids"], batch["answer_mask"])
+
+
+def answer_logps_for(model, fsdp: bool, prefix_ids: torch.Tensor | None):
+    """The function `logps(model, batch)` that DPO trains with and computes its reference with: the
+    answers' log-probs of a batch of `pairs.dpo_batches`, after the shared prefix `prefix_ids`.
+    With `fsdp` the model is first sharded across the ranks (`shard_llama`, in place) and the
+    function is `full_sequence_logps`, one forward call per batch (see the module docstring);
+    else `scoring.answer_logps`, the prompt run once with its answers scored on its KV cache."""
+    if fsdp:
+        shard_llama(model)
+        return lambda model, b: full_sequence_logps(model, b, prefix_ids)
+    from .scoring import answer_logps
+
+    return lambda model, b: answer_logps(model, b["prompt_ids"], b["prompt_mask"], b["answer_ids"], b["answer_mask"],
+                                         prefix_ids=prefix_ids)

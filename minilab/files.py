@@ -14,6 +14,7 @@ Two rules, used by every script and module that writes:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +26,24 @@ MARKER = "minilab.json"  # written into every folder minilab makes; its presence
 
 class OutputError(ValueError):
     """An output path would destroy something minilab did not write; the message says what to do."""
+
+
+class MetaError(ValueError):
+    """A folder's `minilab.json` cannot be read; the message says what to do."""
+
+
+def write_meta(folder: str | Path, meta: dict) -> None:
+    """`minilab.json` in a saved model's folder: what the folder holds (`kind`), its label names, and
+    how its run turned a text into model input, so that `minilab.predict` does the same."""
+    (Path(folder) / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(folder: str | Path) -> dict:
+    """The `minilab.json` that `write_meta` wrote into `folder`."""
+    try:
+        return json.loads((Path(folder) / MARKER).read_text())
+    except json.JSONDecodeError as e:
+        raise MetaError(f"{Path(folder) / MARKER} is corrupt ({e}): retrain, or restore the folder") from e
 
 
 def _umask() -> int:

@@ -1,8 +1,15 @@
-"""Token-by-token generation with the KV cache, and streaming of the decoded text.
+"""Token-by-token generation with the KV cache: one decoding loop, batched or streamed.
 
 The prompt is run once (prefill), filling the cache with its keys and values; each new token
-then costs one forward pass over a single position. Sampling is greedy at temperature 0,
-otherwise nucleus (top-p) sampling from softmax(logits / temperature).
+then costs one forward pass over a single position. `decode` is that loop, for a batch of
+prompts: pick a token per row from the logits, run the new column through the model, repeat,
+until every row has said a stop id. Two callers share it:
+
+* `greedy_continue`: batched greedy decoding from prompts already prefilled for scoring
+  (`scoring.prefill`), which is how `lmclassifier.classify` generates its short answers;
+* `iter_token_ids` (and `generate_ids`, `stream_generate`): one prompt, yielding each token as
+  it comes, greedy at temperature 0, otherwise nucleus (top-p) sampling from
+  softmax(logits / temperature).
 
 Streaming text needs care because tokens are not characters: a byte-level BPE token can hold half
 of a UTF-8 character (an emoji is often split in two), and decoding it alone gives U+FFFD. We
@@ -11,9 +18,13 @@ decode a small window of recent tokens and only emit text once it no longer ends
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from minilab.llama import KVCache
+    from minilab.scoring import Prefilled
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -31,6 +42,55 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@torch.no_grad()
+def decode(model, logits: torch.Tensor, cache: KVCache, max_new: int, pick: Callable[[torch.Tensor], torch.Tensor],
+           stop_ids: Iterable[int] = (), mask: torch.Tensor | None = None,
+           pos: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yield (B,) new token ids, one step at a time: the decoding loop every generator here uses.
+
+    logits (B, V): what each prompt's last token predicts. cache: the prompts' keys and values;
+    each step appends one column to it, in place. pick: (B, V) logits -> (B,) ids on their device.
+    Left-padded rows also need `mask` (B, S), the attention mask over the cached columns (grown by
+    one real column per step), and `pos` (B, 1), each row's next position; without padding the
+    cache's length is the position and plain causal attention needs no mask. Decoding ends after
+    `max_new` steps, or once every row has said a stop id (that step is yielded; rows that
+    stopped earlier keep going, and callers cut them).
+    """
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=logits.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for step in range(max_new):
+        tok = pick(logits)  # (B,)
+        yield tok
+        done |= torch.isin(tok, stops)
+        if step == max_new - 1 or bool(done.all()):
+            return
+        if mask is None:
+            logits = model(tok[:, None], cache=cache)[:, -1]  # (B, V)
+        else:
+            mask = torch.cat([mask, torch.ones_like(tok)[:, None]], dim=1)  # (B, S + 1)
+            logits = model(tok[:, None], attention_mask=mask, position_ids=pos, cache=cache)[:, -1]  # (B, V)
+            pos = pos + 1
+
+
+@torch.no_grad()
+def greedy_continue(model, state: Prefilled, max_new: int, stop_ids) -> list[list[int]]:
+    """Greedy decoding from prefilled prompts (`scoring.prefill`), each row cut at its first stop id.
+
+    The first new token comes from the prompts' last hidden state, so nothing is recomputed.
+    Each step appends one column to `state.cache` (in place); decoding ends after `max_new`
+    tokens or as soon as every row has said a stop id (short label answers usually do in 2).
+    """
+    B = state.h_last.shape[0]
+    if max_new <= 0:
+        return [[] for _ in range(B)]
+    logits = model.lm_head(state.h_last)  # (B, V): what the last prompt token predicts
+    steps = decode(model, logits, state.cache, max_new, pick=lambda lg: lg.float().argmax(-1), stop_ids=stop_ids,
+                   mask=state.mask, pos=state.next_pos[:, None])
+    gen = torch.stack(list(steps), dim=1).tolist()  # (B, steps)
+    stop_set = set(stop_ids)
+    return [row[: next((k for k, t in enumerate(row) if t in stop_set), len(row))] for row in gen]
+
+
 @torch.inference_mode()
 def iter_token_ids(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                    seed: int | None = None, stop_ids: Iterable[int] = ()) -> Iterator[int]:
@@ -43,15 +103,14 @@ def iter_token_ids(model, prompt_ids, max_new_tokens: int, temperature: float = 
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    stop = set(stop_ids)
     cache = model.new_cache()
-    logits = model(ids[None].to(device), cache=cache)[0, -1]  # prefill: (V,) at the last prompt position
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, generator)
-        yield token
-        if token in stop:
-            return
-        logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+    logits = model(ids[None].to(device), cache=cache)[:, -1]  # prefill: (1, V) at the last prompt position
+
+    def pick(lg: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([sample_next(lg[0], temperature, top_p, generator)], device=device)
+
+    for tok in decode(model, logits, cache, max_new_tokens, pick, stop_ids):
+        yield int(tok)
 
 
 def generate_ids(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: float = 0.0,

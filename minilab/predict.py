@@ -30,56 +30,33 @@ from pathlib import Path
 
 import torch
 
-META = "minilab.json"
+from .bert_infer import bert_encode, bert_logits
+from .files import MARKER as META, MetaError, read_meta as _read_meta, write_meta
 
 
 class PredictError(ValueError):
     """The model path or the input is unusable; the message says what to do."""
 
 
-def write_meta(folder: str | Path, meta: dict) -> None:
-    (Path(folder) / META).write_text(json.dumps(meta, indent=2) + "\n")
-
-
 def read_meta(folder: Path) -> dict:
+    """The folder's minilab.json (minilab.files.read_meta); a corrupt one as a PredictError."""
     try:
-        return json.loads((folder / META).read_text())
-    except json.JSONDecodeError as e:
-        raise PredictError(f"{folder / META} is corrupt ({e}): retrain, or restore the folder") from e
+        return _read_meta(folder)
+    except MetaError as e:
+        raise PredictError(str(e)) from e
 
 
 def _amp(device: torch.device, precision: str | None):
-    from .train import autocast
+    from .precision import autocast, precision_dtype
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "fp32")
+    dtype = precision_dtype(precision)
     if dtype is not None and device.type == "cpu" and dtype == torch.float16:
         dtype = torch.bfloat16
     return autocast(device, dtype)
 
 
 # --------------------------------------------------------------------------------------------
-# BERT: the encoding and batching train_bert.py evaluates with
-
-
-def bert_encode(tokenizer, texts: list[str], max_length: int, keep_tail: int) -> list[list[int]]:
-    """Token ids per text. A text longer than max_length keeps its beginning and its last
-    `keep_tail` tokens (a steam review's metadata sits at its end)."""
-    ids = tokenizer.encode(texts, max_length=1 << 20)
-    return [x if len(x) <= max_length else x[: max_length - keep_tail] + x[len(x) - keep_tail:] for x in ids]
-
-
-@torch.no_grad()
-def bert_logits(model, tokenizer, ids: list[list[int]], device, amp_ctx, batch_size: int = 64) -> torch.Tensor:
-    """(N, K) fp32 logits; batches sorted by length so that padding costs little."""
-    from .train import length_grouped_batches
-
-    out = torch.zeros(len(ids), model.config.num_labels)
-    model.eval()
-    with amp_ctx:
-        for idx in length_grouped_batches([len(x) for x in ids], batch_size, seed=0, shuffle=False):
-            batch = {k: v.to(device) for k, v in tokenizer.pad([ids[i] for i in idx]).items()}
-            out[idx] = model(**batch).float().cpu()
-    return out
+# BERT: the encoding and batching train_bert.py evaluates with (minilab/bert_infer.py)
 
 
 class BertClassifier:
@@ -107,10 +84,10 @@ class BertClassifier:
 
 class LlamaClassifier:
     def __init__(self, folder: Path, device: torch.device, base: str | None = None, dtype: str | None = None):
-        from .lmclassifier import PromptBuilder, PromptFormat, answer_token_ids
+        from .prompts import PromptBuilder, PromptFormat, answer_token_ids
         from .hub import HubError
         from .weights import load_llama
-        from .lora import load_adapter
+        from .peft_io import load_adapter
 
         meta = read_meta(folder)
         if base and not Path(base).expanduser().exists() and _path_like(base):
@@ -175,7 +152,7 @@ def _adapter_base(folder: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The baseline: TF-IDF + logistic regression
+# The baseline: TF-IDF + logistic regression, as minilab.tfidf.save_baseline saved it
 
 
 class BaselineClassifier:
@@ -199,22 +176,6 @@ class BaselineClassifier:
     def predict_proba(self, texts: list[str]) -> list[list[float]]:
         with torch.no_grad():
             return self.model(self.vec.transform(texts)).softmax(-1).tolist()
-
-
-def save_baseline(folder: str | Path, vec, model, label_names: list[str], protect=()) -> Path:
-    """The baseline as files: vocabulary (JSON, in column order), idf and weights (safetensors).
-    `protect`: folders the run read (its data), which `folder` must not be or hold."""
-    from safetensors.torch import save_file
-
-    from .results import atomic_folder
-
-    with atomic_folder(folder, protect) as tmp:
-        (tmp / "vocabulary.json").write_text(json.dumps(vec.feature_names()))
-        save_file({"idf": vec.idf_, "weight": model.weight.detach().contiguous(), "bias": model.bias.detach()},
-                  str(tmp / "model.safetensors"))
-        write_meta(tmp, {"kind": "baseline", "label_names": list(label_names), "ngram_range": list(vec.ngram_range),
-                         "min_df": vec.min_df, "sublinear_tf": vec.sublinear_tf})
-    return Path(folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +202,7 @@ def load_classifier(path: str | Path, device: str | None = None, base: str | Non
     """A saved BERT folder, a LoRA adapter folder (its base model from the adapter's config, or
     `base`; loaded in `base_dtype`, default the training run's), a saved baseline folder, or a
     results file `results/<task>/<name>.json` (its model)."""
-    from .train import pick_device
+    from .distributed import pick_device
 
     path = Path(path)
     if not path.exists():

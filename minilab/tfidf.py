@@ -19,14 +19,18 @@ tens of iterations, so there is no learning rate, batch size or epoch count to t
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .files import atomic_folder, write_meta
 
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default: words of two or more word characters
 
@@ -210,3 +214,19 @@ def fit_logistic_regression(x: torch.Tensor, y: list[int] | torch.Tensor, num_la
         grad_max = max(float(p.grad.abs().max()) for p in model.parameters())
     return model, {"iterations": iters, "loss_evals": calls, "loss": loss, "grad_max": grad_max,
                    "converged": iters < max_iter}
+
+
+def save_baseline(folder: str | Path, vec: TfidfVectorizer, model: LogisticRegression, label_names: list[str],
+                  protect=()) -> Path:
+    """The baseline as files, for `minilab.predict`: vocabulary (JSON, in column order), idf and
+    weights (safetensors), and `minilab.json`. `protect`: folders the run read (its data), which
+    `folder` must not be or hold."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(folder, protect) as tmp:
+        (tmp / "vocabulary.json").write_text(json.dumps(vec.feature_names()))
+        save_file({"idf": vec.idf_, "weight": model.weight.detach().contiguous(), "bias": model.bias.detach()},
+                  str(tmp / "model.safetensors"))
+        write_meta(tmp, {"kind": "baseline", "label_names": list(label_names), "ngram_range": list(vec.ngram_range),
+                         "min_df": vec.min_df, "sublinear_tf": vec.sublinear_tf})
+    return Path(folder)

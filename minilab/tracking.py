@@ -1,5 +1,9 @@
 """Where training metrics go: a local JSONL file always, and Weights & Biases when it is available.
 
+`TrainLog` is what the training loop records (every record in `history`, and a train record every
+`log_every` steps that averages the steps since the last one); `Tracker` writes the records out;
+`publish_log` copies a finished run's log beside its results.
+
 The JSONL file is what the report reads, so the lab works without a W&B account, without network
 and without wandb installed at all. W&B runs offline unless the user has logged in (then `wandb
 sync` can upload an offline run later); the WANDB_MODE variable, when set, always wins, and tests
@@ -95,3 +99,52 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+class TrainLog:
+    """The training loop's records. `history` holds every record (the same on every process; it goes
+    into checkpoints), and rank 0 alone (`writes`) passes them to the tracker. A train record comes
+    every `log_every` steps (and at the last step): the mean loss of the steps since the previous
+    record that were not skipped (`window`, which a checkpoint keeps half filled), examples/s, and
+    what the trainer adds (learning rate, epoch, gradient norm, the last micro-batch's metrics)."""
+
+    def __init__(self, tracker: Tracker | None, log_every: int, writes: bool):
+        self.tracker, self.log_every, self.writes = tracker, log_every, writes
+        self.history: list[dict] = []
+        self.window = self.new_window()
+
+    @staticmethod
+    def new_window() -> dict:
+        return {"loss": 0.0, "n": 0, "examples": 0, "seconds": 0.0}
+
+    def add(self, record: dict, step: int, kind: str = "train") -> None:
+        self.history.append({"kind": kind, "step": step, **record})
+        if self.tracker and self.writes:
+            self.tracker.log(record, step=step, kind=kind)
+
+    def step_done(self, t, loss: float | None, examples: int, seconds: float) -> dict | None:
+        """Trainer `t` took a step (`loss` None: skipped); the train record when it is time for one."""
+        w = self.window
+        w["examples"] += examples
+        if loss is not None:
+            w["loss"] += loss
+            w["n"] += 1
+        w["seconds"] += seconds
+        if (t.step % self.log_every and t.step != t.total_steps) or not w["n"]:
+            return None
+        record = {"loss": w["loss"] / w["n"], "lr": t.lr, "examples_per_second": w["examples"] / max(1e-9, w["seconds"]),
+                  "epoch": t.epoch + t.position / t.steps_per_epoch, **t.last}
+        self.add(record, t.step)
+        self.window = self.new_window()
+        return record
+
+
+def publish_log(src: str | Path, dst: str | Path) -> None:
+    """Copy a finished run's metrics log beside its results (temp file + rename: never half a log)."""
+    import shutil
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

@@ -205,7 +205,7 @@ def test_metric_is_macro_f1_when_train_is_imbalanced(tmp_path):
 
 
 def test_task_file_and_flags_give_the_registry_entry(tmp_path):
-    from minilab.lmclassifier import PromptBuilder, PromptFormat  # noqa: F401
+    from minilab.prompts import PromptBuilder, PromptFormat  # noqa: F401
     from minilab.tasks import TASKS
 
     reg = TASKS["sst2"]

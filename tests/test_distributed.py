@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minilab.train import rank_share
+from minilab.strategy import rank_share
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -245,12 +245,12 @@ def test_a_parameter_without_a_gradient_on_every_rank_keeps_none():
     gradient anywhere must stay None afterwards, as with one process (else AdamW decays it)."""
     from types import SimpleNamespace
 
-    from minilab.train import Trainer
+    from minilab.strategy import sum_across_ranks
 
     used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
     used.grad = torch.full((3,), 2.0)
     fake = SimpleNamespace(params=[used, unused], fsdp=False, device=torch.device("cpu"), signal=None, step=0)
-    loss, examples = Trainer._sum_across_ranks(fake, 1.5, 4)  # one process: the sums are the inputs
+    loss, examples, _ = sum_across_ranks(fake.params, 1.5, 4, fake.signal, fake.device, "step 1")  # one process: the sums are the inputs
     assert (loss, examples) == (1.5, 4)
     assert torch.equal(used.grad, torch.full((3,), 2.0))
     assert unused.grad is None

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from minilab.dpo import answer_logps, answer_logps_separate, dpo_loss, reference_logps, split_pairs
+from minilab.dpo import dpo_loss, reference_logps, split_pairs
 from minilab.lora import apply_lora, disable_adapters, lora_layers
+from minilab.scoring import answer_logps, answer_logps_separate
 
 # Two preference pairs (summed log-probs), beta = 0.1 unless a test says otherwise.
 #   pair 1: policy chosen -1, rejected -3; reference -2, -2
@@ -200,7 +201,7 @@ def test_bf16_model_scores_in_fp32():
 def test_head_runs_in_fp32_on_a_bf16_model_even_under_autocast():
     """The output head of a bf16 model (and its log-softmax) is computed in fp32 from the bf16
     values, autocast or not: the same numbers as float64 arithmetic on them, to fp32 precision."""
-    from minilab.dpo import _head_logps
+    from minilab.scoring import _head_logps
 
     model = _tiny_llama(dtype=torch.bfloat16)
     h = torch.randn(6, 32).to(torch.bfloat16)  # (N, D)

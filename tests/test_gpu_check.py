@@ -101,7 +101,7 @@ def test_llama_on_cuda_matches_cpu_with_left_padding(exact_fp32):
 @cuda
 @needs_cuda
 def test_dpo_answer_logps_on_cuda_match_cpu(exact_fp32):
-    from minilab.dpo import answer_logps, answer_logps_separate
+    from minilab.scoring import answer_logps, answer_logps_separate
     from minilab.lora import apply_lora
 
     model = apply_lora(_tiny_llama(), r=4, alpha=8, dropout=0.0).eval()

@@ -1,11 +1,12 @@
-"""The LM-as-classifier plumbing: prompts with a shared prefix, answer mapping, DPO pairs, label scoring."""
+"""The LM-as-classifier plumbing: prompts with a shared prefix, answer mapping, DPO pairs, label scoring, batched greedy."""
 
 import pytest
 import torch
 
 from minilab.chat import ChatTokenizer
-from minilab.lmclassifier import (PromptBuilder, PromptFormat, answer_token_ids, balance_pairs, classify, dpo_batches,
-                                  dpo_pairs, greedy_batch, map_answer, pair_weights)
+from minilab.lmclassifier import classify, map_answer
+from minilab.pairs import balance_pairs, dpo_batches, dpo_pairs, pair_weights
+from minilab.prompts import PromptBuilder, PromptFormat, answer_token_ids, pad
 from minilab.tasks import TASKS
 
 
@@ -25,7 +26,7 @@ def test_prefix_plus_example_equals_the_whole_chat(smol_tokenizer):
     builder = PromptBuilder(smol_tokenizer, fmt)
     for text in ["a gorgeous , witty , seductive movie .", "Plain text\nwith a second line", "émoji 🙂 and ünïcode"]:
         whole = smol_tokenizer.chat_ids(fmt.messages(text), add_generation_prompt=True)
-        assert builder.full(text) == whole
+        assert builder.prefix + builder.example(text) == whole
     assert smol_tokenizer.decode(builder.prefix).startswith("<|im_start|>system\nIs the sentiment")
 
 
@@ -96,16 +97,16 @@ def test_classify_scores_each_label_answer_after_the_whole_prompt():
         assert preds[i] == max(range(2), key=lambda k: scores[i][k])
 
 
-def test_greedy_batch_matches_one_prompt_at_a_time():
-    from minilab.generate import generate_ids
+def test_batched_greedy_matches_one_prompt_at_a_time():
+    from minilab.generate import generate_ids, greedy_continue
+    from minilab.scoring import prefill, run_prefix
 
     model = _tiny_model()
     prefix = torch.tensor([[5, 6, 7]])
     prompts = [[8, 9, 10, 11], [12, 13]]
-    from minilab.lmclassifier import left_pad
 
-    ids, mask = left_pad(prompts, 0)
-    got = greedy_batch(model, prefix, ids, mask, 6, stop_ids=())
+    ids, mask = pad(prompts, 0, side="left")
+    got = greedy_continue(model, prefill(model, ids, mask, run_prefix(model, prefix)), 6, stop_ids=())
     for row, p in zip(got, prompts):
         assert row == generate_ids(model, None, [5, 6, 7] + p, 6)
 
@@ -136,8 +137,7 @@ def test_classify_one_prefill_equals_separate_scoring_and_decoding():
     """classify scores and decodes from ONE prefill per batch; that must change nothing: the same
     scores as the plain "prefix + prompt + answer" scoring, the same predictions, and the same
     texts as a no-cache greedy decoder, for ragged prompts split over several batches."""
-    from minilab.dpo import answer_logps_separate
-    from minilab.lmclassifier import left_pad, right_pad
+    from minilab.scoring import answer_logps_separate
 
     model = _tiny_model()
     with torch.no_grad():  # default init barely looks at positions or context: make both matter
@@ -154,8 +154,8 @@ def test_classify_one_prefill_equals_separate_scoring_and_decoding():
     tok.eot_ids = (first[1],)
     preds, scores, texts = classify(model, tok, prefix, prompts, answers, "cpu", torch.no_grad(), batch_size=2, gen_tokens=7)
 
-    p_ids, p_mask = left_pad([prefix + p for p in prompts], 0)
-    a_ids, a_mask = right_pad(answers * len(prompts), 0)
+    p_ids, p_mask = pad([prefix + p for p in prompts], 0, side="left")
+    a_ids, a_mask = pad(answers * len(prompts), 0, side="right")
     with torch.no_grad():
         want = answer_logps_separate(model, p_ids, p_mask, a_ids, a_mask).view(len(prompts), K)
     torch.testing.assert_close(torch.tensor(scores), want, rtol=0, atol=1e-5)

@@ -15,12 +15,9 @@ from minilab.lora import (
     apply_lora,
     count_parameters,
     disable_adapters,
-    load_adapter,
     lora_layers,
-    merge_lora,
-    save_adapter,
-    unmerge_lora,
 )
+from minilab.peft_io import load_adapter, save_adapter
 
 
 class ToyBlock(nn.Module):
@@ -107,12 +104,14 @@ def test_merge_equals_unmerged_after_a_training_step_and_unmerge_restores():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     y = model(x)
     assert (y - base(x)).abs().max() > 1e-3  # the adapter really does something now
-    merge_lora(model)
+    for layer in lora_layers(model).values():
+        layer.merge()
     assert (model.q_proj.base_layer.weight - before["q_proj.base_layer.weight"]).abs().max() > 0
     torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
     with disable_adapters(model):  # merged + disabled: the update is taken back out
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-5)
-    unmerge_lora(model)
+    for layer in lora_layers(model).values():
+        layer.unmerge()
     torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)

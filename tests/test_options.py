@@ -161,7 +161,7 @@ def test_cuda_without_cuda_says_use_cpu(monkeypatch):
 
 
 def test_pick_device_checks_too():
-    from minilab.train import pick_device
+    from minilab.distributed import pick_device
 
     assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="--device tpu is not a device"):

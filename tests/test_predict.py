@@ -65,7 +65,8 @@ def test_merged_llama_loads_in_transformers_with_equal_logits(trained, tmp_path)
     res = run(["-m", "minilab.predict", str(trained / "llama"), "--merge", str(tmp_path / "merged")])
     assert res.returncode == 0, res.stderr[-2000:]
     clf = load_classifier(trained / "llama", base_dtype="float32")  # adapters unmerged, fp32
-    ids = torch.tensor([clf.impl.builder.full("A long review about a game with many bugs.")])
+    builder = clf.impl.builder
+    ids = torch.tensor([builder.prefix + builder.example("A long review about a game with many bugs.")])
     with torch.no_grad():
         ours = clf.impl.model(ids).float()
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()

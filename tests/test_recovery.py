@@ -181,11 +181,10 @@ def test_a_script_refuses_an_unfinished_checkpoint_at_startup_in_one_line(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def train_dpo():
-    sys.path.insert(0, str(REPO))
-    import train_dpo
+def caches():
+    from minilab import caches
 
-    return train_dpo
+    return caches
 
 
 def _refs():
@@ -193,14 +192,14 @@ def _refs():
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "other-run"])
-def test_a_damaged_reference_cache_is_computed_again_with_a_note(tmp_path, capsys, train_dpo, damage):
+def test_a_damaged_reference_cache_is_computed_again_with_a_note(tmp_path, capsys, caches, damage):
     path = tmp_path / "ref" / "steam-abc.safetensors"
     refs = _refs()
     calls = []
     compute = lambda: calls.append(1) or [t.clone() for t in refs]  # noqa: E731
-    got, cached = train_dpo.cached_tensor_list(path, [4, 6], compute)  # none yet: computed and kept
+    got, cached = caches.cached_tensor_list(path, [4, 6], compute)  # none yet: computed and kept
     assert not cached and len(calls) == 1 and path.is_file()
-    got, cached = train_dpo.cached_tensor_list(path, [4, 6], compute)  # kept: read
+    got, cached = caches.cached_tensor_list(path, [4, 6], compute)  # kept: read
     assert cached and len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(got, refs))
     capsys.readouterr()
     if damage == "truncated":
@@ -208,24 +207,24 @@ def test_a_damaged_reference_cache_is_computed_again_with_a_note(tmp_path, capsy
     elif damage == "empty":
         path.write_bytes(b"")
     else:
-        train_dpo.save_tensor_list([torch.randn(4)], path)  # a list of another shape
-    got, cached = train_dpo.cached_tensor_list(path, [4, 6], compute)
+        caches.save_tensor_list([torch.randn(4)], path)  # a list of another shape
+    got, cached = caches.cached_tensor_list(path, [4, 6], compute)
     out = capsys.readouterr().out
     assert not cached and len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(got, refs))
     assert out.startswith(f"note: the reference cache {path} is ") and "computing the reference log-probs again" in out
     assert len(out.strip().splitlines()) == 1
-    again = train_dpo.load_tensor_list(path, [4, 6])  # rewritten whole
+    again = caches.load_tensor_list(path, [4, 6])  # rewritten whole
     assert again is not None and all(torch.equal(a, b) for a, b in zip(again, refs))
     assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temporary file left
 
 
-def test_a_damaged_kept_zero_shot_file_is_evaluated_again_with_a_note(tmp_path, capsys, train_dpo):
+def test_a_damaged_kept_zero_shot_file_is_evaluated_again_with_a_note(tmp_path, capsys, caches):
     path = tmp_path / "zero_shot.json"
-    assert train_dpo.read_kept_json(path) is None  # none kept yet
+    assert caches.read_kept_json(path) is None  # none kept yet
     path.write_text(json.dumps([{"accuracy": 0.5}, {"accuracy": 0.25}]))
-    assert train_dpo.read_kept_json(path) == [{"accuracy": 0.5}, {"accuracy": 0.25}]
+    assert caches.read_kept_json(path) == [{"accuracy": 0.5}, {"accuracy": 0.25}]
     capsys.readouterr()
     path.write_text('[{"accuracy": 0.5}, {"accur')  # cut off mid-write by an older version
-    assert train_dpo.read_kept_json(path) is None
+    assert caches.read_kept_json(path) is None
     out = capsys.readouterr().out
     assert out.startswith(f"note: {path} is damaged (JSONDecodeError") and out.strip().endswith("evaluating again")

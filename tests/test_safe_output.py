@@ -175,7 +175,7 @@ def test_data_folder_as_save_dir_is_refused(name, tmp_path, tiny_steam, tiny_ber
 
 
 def test_save_baseline_itself_refuses_the_data_folder(tmp_path, tiny_steam):
-    from minilab.predict import save_baseline
+    from minilab.tfidf import save_baseline
 
     data = Path(shutil.copytree(tiny_steam, tmp_path / "steam"))
     before = snapshot(data)

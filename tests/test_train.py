@@ -3,7 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from minilab.train import TrainConfig, length_grouped_batches, linear_schedule, make_optimizer, train
+from minilab.batching import length_grouped_batches
+from minilab.optim import linear_schedule, make_optimizer
+from minilab.train import TrainConfig, train
 
 
 def _problem(n=256, d=8, seed=0):
@@ -297,7 +299,7 @@ def test_resume_with_a_changed_config_is_refused_by_name(tmp_path):
 def test_epochs_on_the_command_line_override_the_presets_step_count():
     import argparse
 
-    from minilab.train import add_train_args, train_config_from_args
+    from minilab.options import add_train_args, train_config_from_args
 
     preset = {"epochs": 1, "max_steps": 400}
     p = argparse.ArgumentParser()
