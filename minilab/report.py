@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import atomic_write
 from .metrics import one_label_warning
 from .results import read_results
 from .tasks import get_task
@@ -476,7 +477,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = Path(args.results) / args.task / "REPORT.md"
-    path.write_text(text)
+    atomic_write(path, text)  # a kill mid-write leaves the previous report whole
     print(table)
     for n in notes:
         print(f"note: {n.replace('`', '')}")

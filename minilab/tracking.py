@@ -141,10 +141,6 @@ class TrainLog:
 
 def publish_log(src: str | Path, dst: str | Path) -> None:
     """Copy a finished run's metrics log beside its results (temp file + rename: never half a log)."""
-    import shutil
+    from .files import atomic_copy
 
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    atomic_copy(src, dst)
