@@ -393,6 +393,39 @@ def resolve_spec(task: str | None = None, data: str | None = None, task_file: st
         raise DataError(str(e)) from e
 
 
+def _label_notes(spec: TaskSpec, label_names: list[str], to_id: dict, train_ids: list[int]) -> list[str]:
+    """What the user should know about the labels: bare numbers, renamed values, declared-absent classes."""
+    notes: list[str] = []
+    if not spec.label_names and all(n.lstrip("+-").isdigit() for n in label_names):
+        notes.append(f"the labels are bare numbers ({', '.join(label_names)}): name them with --label-names "
+                     f"{','.join(f'NAME_{n}' for n in label_names)} (in this order), and for the LLaMA say what they mean "
+                     "with --question and --answers")
+    renamed = {str(v): label_names[i] for v, i in to_id.items() if str(v) != label_names[i]}
+    if renamed:
+        notes.append("label values named: " + ", ".join(f"{v} = {n!r}" for v, n in renamed.items()))
+    absent = [label_names[k] for k in range(len(label_names)) if k not in train_ids]
+    if absent:
+        notes.append(f"label(s) {', '.join(absent)} have no train examples (declared absent): the model cannot learn them, "
+                     "and macro-F1 counts them")
+    present = [n for n in spec.absent_labels or () if n in label_names and n not in absent]
+    if present:
+        notes.append(f"label(s) {', '.join(present)} are declared absent but train has examples of them: drop them from "
+                     "--absent-labels / absent_labels")
+    return notes
+
+
+def _carve_dev(result: dict, seed: int, dev_fraction: float, data: str) -> str:
+    """No dev split: carve `dev_fraction` of train (seeded) into one; returns the note saying so."""
+    rng = random.Random(seed)
+    order = list(range(len(result["train"])))
+    rng.shuffle(order)
+    n_dev = max(1, int(round(dev_fraction * len(order))))
+    tr = result["train"]
+    result["dev"] = Split([tr.texts[i] for i in order[:n_dev]], [tr.labels[i] for i in order[:n_dev]])
+    result["train"] = Split([tr.texts[i] for i in order[n_dev:]], [tr.labels[i] for i in order[n_dev:]])
+    return f"no dev split in {data}: carved {n_dev} examples ({dev_fraction:.0%}) from train with seed {seed}"
+
+
 def load_task(
     data: str | None = None,
     task: str | None = None,
@@ -449,33 +482,11 @@ def load_task(
                 f"train labels: {', '.join(sorted(map(str, set(train_labels))))}); fix the labels or the split"
             )
     result = {s: Split(t, [to_id[y] for y in l]) for s, (t, l) in splits.items()}
-    if not spec.label_names and all(n.lstrip("+-").isdigit() for n in label_names):
-        notes.append(f"the labels are bare numbers ({', '.join(label_names)}): name them with --label-names "
-                     f"{','.join(f'NAME_{n}' for n in label_names)} (in this order), and for the LLaMA say what they mean "
-                     "with --question and --answers")
-    renamed = {str(v): label_names[i] for v, i in to_id.items() if str(v) != label_names[i]}
-    if renamed:
-        notes.append("label values named: " + ", ".join(f"{v} = {n!r}" for v, n in renamed.items()))
-    absent = [label_names[k] for k in range(len(label_names)) if k not in result["train"].labels]
-    if absent:
-        notes.append(f"label(s) {', '.join(absent)} have no train examples (declared absent): the model cannot learn them, "
-                     "and macro-F1 counts them")
-    present = [n for n in spec.absent_labels or () if n in label_names and n not in absent]
-    if present:
-        notes.append(f"label(s) {', '.join(present)} are declared absent but train has examples of them: drop them from "
-                     "--absent-labels / absent_labels")
+    notes += _label_notes(spec, label_names, to_id, result["train"].labels)
     spec = spec.with_overrides(label_names=tuple(label_names))
 
     if "dev" not in result:
-        rng = random.Random(seed)
-        order = list(range(len(result["train"])))
-        rng.shuffle(order)
-        n_dev = max(1, int(round(dev_fraction * len(order))))
-        tr = result["train"]
-        result["dev"] = Split([tr.texts[i] for i in order[:n_dev]], [tr.labels[i] for i in order[:n_dev]])
-        result["train"] = Split([tr.texts[i] for i in order[n_dev:]], [tr.labels[i] for i in order[n_dev:]])
-        notes.append(f"no dev split in {data}: carved {n_dev} examples ({dev_fraction:.0%}) from train with seed {seed}")
-
+        notes.append(_carve_dev(result, seed, dev_fraction, data))
     return TaskData(task=task, source=str(data), label_names=label_names, spec=spec, notes=notes, **result)
 
 
