@@ -53,17 +53,33 @@ def decode(model, logits: torch.Tensor, cache: KVCache, max_new: int, pick: Call
     Left-padded rows also need `mask` (B, S), the attention mask over the cached columns (grown by
     one real column per step), and `pos` (B, 1), each row's next position; without padding the
     cache's length is the position and plain causal attention needs no mask. Decoding ends after
-    `max_new` steps, or once every row has said a stop id (that step is yielded; rows that
-    stopped earlier keep going, and callers cut them).
+    `max_new` steps, or once every row has said a stop id (that step is yielded).
+
+    A row that has said a stop id leaves the batch: its cache rows (and mask and position) are
+    dropped, and the steps after yield `stop_ids`' first id for it, which callers cut with the
+    rest of the row. A few rambling answers then cost a few rows' forward passes, not the whole
+    batch's; the rows still decoding compute what they computed before, bar rounding (the batch is
+    smaller). The cache is changed in place: it belongs to the decoding once this starts.
     """
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=logits.device)
-    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    B = logits.shape[0]
+    rows = torch.arange(B, device=logits.device)  # the original row of each row still decoding
+    filler = int(stops[0]) if len(stops) else 0
     for step in range(max_new):
-        tok = pick(logits)  # (B,)
-        yield tok
-        done |= torch.isin(tok, stops)
+        tok = pick(logits)  # (A,) for the A rows still decoding
+        if len(rows) == B:
+            yield tok
+        else:
+            yield torch.full((B,), filler, dtype=tok.dtype, device=tok.device).index_copy(0, rows, tok)  # (B,)
+        done = torch.isin(tok, stops)
         if step == max_new - 1 or bool(done.all()):
             return
+        if bool(done.any()):  # drop the rows that have ended
+            keep = (~done).nonzero().squeeze(1)  # (A',)
+            cache.select_rows(keep)
+            rows, tok = rows[keep], tok[keep]
+            mask = None if mask is None else mask[keep]
+            pos = None if pos is None else pos[keep]
         if mask is None:
             logits = model(tok[:, None], cache=cache)[:, -1]  # (B, V)
         else:

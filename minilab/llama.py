@@ -217,12 +217,40 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a (B',) index), in place: decoding drops the rows that ended."""
+        self.keys = [None if k is None else k.index_select(0, rows) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, rows) for v in self.values]
+
     def repeat_interleave(self, n: int) -> "KVCache":
         """A new cache whose batch rows are each repeated n times (row b -> rows b*n .. b*n+n-1)."""
         out = KVCache(len(self.keys))
         out.keys = [None if k is None else k.repeat_interleave(n, dim=0) for k in self.keys]
         out.values = [None if v is None else v.repeat_interleave(n, dim=0) for v in self.values]
         return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for (B, H, T, hd) queries over (B, H, S, hd) keys and values.
+
+    mask: (B, 1, T, S) bool (True = may attend), or None for plain causal attention (no past).
+    Usually this is `F.scaled_dot_product_attention`. The exception is training on the CPU: there
+    SDPA's flash-attention backward kernel was a quarter of a whole DPO step at the lab's lengths
+    (about 100-300 tokens), where attention is only a few percent of the FLOPs. Written out as two
+    matmuls and a softmax, autograd's backward is plain matmuls too, and a DPO step is 1.3x faster
+    (bench/profile_step.py). Scores come out of the matmul in the input dtype (bf16 under
+    autocast) and the softmax runs in fp32, as transformers' "eager" attention does.
+    """
+    if not (q.device.type == "cpu" and torch.is_grad_enabled()):
+        if mask is None:  # no padding, no past: the fused causal path
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    T, S = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S) causal
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # (B, H, T, hd)
 
 
 class LlamaAttention(nn.Module):
@@ -246,10 +274,7 @@ class LlamaAttention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # each kv head serves `group` consecutive query heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
-        if mask is None:  # no padding, no past: the fused causal path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (B, 1, T, S) bool
+        y = attention(q, k, v, mask)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(y)
 

@@ -366,3 +366,45 @@ def test_wrong_attention_mask_shape_is_explained(tmp_path):
     ours, _ = load_llama(str(save(hf_model(), tmp_path / "ckpt")))
     with pytest.raises(ValueError, match=r"expected \(batch, past \+ new\) = \(2, 5\)"):
         ours(ids(2, 5), attention_mask=torch.ones(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "left-padded"])
+def test_training_attention_matches_transformers_with_gradients(tmp_path, padded):
+    """With autograd on, the CPU runs attention written out (matmul, fp32 softmax, matmul) instead of
+    SDPA (`minilab.llama.attention`): the logits and every weight's gradient still equal
+    transformers' (SDPA) within 1e-4, with and without left padding."""
+    hf = hf_model()
+    ours, _ = load_llama(str(save(hf, tmp_path / "ckpt")))
+    x = ids(3, 12)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    if padded:
+        mask[1, :5] = 0
+        mask[2, :11] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    want = hf(x, attention_mask=mask, position_ids=pos).logits
+    got = ours(x, attention_mask=mask)
+    assert got.requires_grad and torch.isfinite(got).all()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    want[real].logsumexp(-1).sum().backward()
+    got[real].logsumexp(-1).sum().backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_training_attention_over_a_cache_matches_the_full_forward(tmp_path):
+    """Answers run with autograd over a prefilled, left-padded cache (how DPO scores them) get the
+    logits of the full no-grad forward: the written-out attention masks past and padding alike."""
+    hf = hf_model()
+    ours, _ = load_llama(str(save(hf, tmp_path / "ckpt")))
+    x = ids(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        full = ours(x, attention_mask=mask)
+        cache = ours.new_cache()
+        ours(x[:, :7], attention_mask=mask[:, :7], cache=cache)
+    got = ours(x[:, 7:], attention_mask=mask, cache=cache)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), full[:, 7:], atol=ATOL, rtol=0)

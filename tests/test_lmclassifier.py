@@ -111,6 +111,26 @@ def test_batched_greedy_matches_one_prompt_at_a_time():
         assert row == generate_ids(model, None, [5, 6, 7] + p, 6)
 
 
+def test_batched_greedy_drops_ended_rows_and_still_matches_each_prompt_alone():
+    """Rows that say a stop id leave the decoding batch (`generate.decode`): the rows still going,
+    now in a smaller batch over a cut-down cache, mask and positions, decode what each prompt
+    decodes alone, and every row is cut at its first stop id."""
+    from minilab.generate import generate_ids, greedy_continue
+    from minilab.scoring import prefill, run_prefix
+
+    model = _tiny_model()
+    prefix = torch.tensor([[5, 6, 7]])
+    prompts = [[8, 9, 10, 11], [12, 13], [14, 15, 16], [17], [18, 19, 20, 21, 22]]
+    alone = [generate_ids(model, None, [5, 6, 7] + p, 8) for p in prompts]
+    stop = alone[0][1]  # row 0 ends at its 2nd token; others end elsewhere or never
+    want = [row[: row.index(stop)] if stop in row else row for row in alone]
+    lengths = [len(w) for w in want]
+    assert min(lengths) < 8 and max(lengths) == 8, f"the stop id {stop} must end some rows early, not all: {lengths}"
+    ids, mask = pad(prompts, 0, side="left")
+    got = greedy_continue(model, prefill(model, ids, mask, run_prefix(model, prefix)), 8, stop_ids=[stop])
+    assert got == want
+
+
 def test_dpo_batches_hold_chosen_then_rejected():
     prompts = [[1, 2, 3], [4, 5], [6]]
     answers = [[10, 3], [11, 12, 3]]
