@@ -6,6 +6,7 @@
 #   make bench         speed benchmarks against the transformers / TRL reference stacks, and 1 vs 2 processes
 #   make profile       where one BERT and one DPO training step spend their time, by op kind
 #   make gpu-check     on a CUDA machine: cuda tests, BERT-base / Llama-1B-sized steps, fp16, a short DPO run
+#   make notebooks     run notebooks/{baseline,bert,llama}.ipynb top to bottom, outputs written into them
 
 PYTHON ?= python3
 VENV   := .venv
@@ -22,7 +23,7 @@ export MINILAB_DATA
 # torch is pinned to the release whose CPU wheel lies on these machines; any other spec pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: lab baseline bert llama report test test-fast bench profile gpu-check install install-dev clean
+.PHONY: lab baseline bert llama report test test-fast bench profile gpu-check notebooks notebooks-clean install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +94,15 @@ profile: install-dev
 # a short real DPO run. `python bench/gpu_check.py --dry-run` runs the same on the CPU, tiny.
 gpu-check: install-dev
 	$(BIN)/python bench/gpu_check.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,)
+
+# The lab's three notebooks, in order (the LLaMA one ends with the table of all three), on the same
+# TASK, DATA and preset choice as `make lab`, writing the same results/ and runs/. Stored without
+# outputs: `make notebooks-clean` strips them again before a commit.
+notebooks: install-dev
+	TASK=$(TASK) $(if $(DATA),DATA=$(DATA),) $(BIN)/python notebooks/execute.py
+
+notebooks-clean: install-dev
+	$(BIN)/python notebooks/execute.py --strip
 
 clean:
 	rm -rf results runs wandb
