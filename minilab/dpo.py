@@ -14,6 +14,14 @@ the losses are (beta sets how far from the reference the policy may move):
     hinge    relu(1 - beta * logits)                                  SLiC, Zhao et al. 2023
     + RPO    alpha * NLL of the chosen answer per token               RPO, Pang et al. 2024
 
+SimPO (Meng et al., 2024; `simpo_loss`) drops the reference model: its reward is the policy's
+average log-probability per answer token, and the chosen reward must beat the rejected one by a
+target margin gamma:
+
+    simpo    -log sigmoid(beta * (log pi(y_w|x) / |y_w| - log pi(y_l|x) / |y_l|) - gamma)
+
+No reference pass is run or cached for it.
+
 The log-probabilities log pi(y|x) come from `minilab.scoring.answer_logps` (the prompt run once,
 its answers scored on a shared KV cache), for rows in [chosen, rejected, chosen, rejected, ...]
 order (`pairs.dpo_batches`); `split_pairs` turns them into the (chosen, rejected) inputs here.
@@ -33,7 +41,7 @@ import torch.nn.functional as F
 from minilab.lora import disable_adapters
 from minilab.scoring import answer_logps
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")  # with a reference; "simpo" (below) is reference-free
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,4 +154,69 @@ def dpo_loss(
         nll = -(w * policy_chosen / chosen_lengths.to(policy_chosen.dtype)).mean()
         metrics["nll/chosen"] = nll.detach()
         loss = loss + rpo_alpha * nll
+    return loss, metrics
+
+
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    weights: torch.Tensor | None = None,
+    rpo_alpha: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO's loss (mean over the batch) and the DPO loss's metrics, from (B,) summed logps.
+
+    The reward of an answer is beta times its mean log-probability per token (the lengths are its
+    real tokens), so a long answer is not rewarded for being long, and no reference is needed. The
+    margin gamma asks for more than a tie: at the start, with equal rewards, the loss is
+    -log sigmoid(-gamma) (0.974 for gamma 0.5), not ln 2. Label smoothing mixes in the loss of the
+    flipped pair, as conservative DPO does. rpo_alpha adds the chosen answers' NLL per token, as in
+    `dpo_loss` (CPO-SimPO). The defaults are the paper's and TRL's (beta 2, gamma 0.5).
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if policy_chosen.shape != policy_rejected.shape:
+        raise ValueError(f"chosen and rejected logps must have the same shape, got {tuple(policy_chosen.shape)} "
+                         f"and {tuple(policy_rejected.shape)}")
+    chosen_rewards = beta * policy_chosen / chosen_lengths.to(policy_chosen.dtype)  # (B,)
+    rejected_rewards = beta * policy_rejected / rejected_lengths.to(policy_rejected.dtype)
+    logits = chosen_rewards - rejected_rewards - gamma  # (B,)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    w = torch.ones_like(losses) if weights is None else weights.to(losses)
+    loss = (w * losses).mean()
+    cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
+    metrics = {
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/accuracies": (cr > rr).float().mean(),
+        "rewards/margins": (cr - rr).mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+        "loss/dpo": loss.detach(),
+    }
+    if rpo_alpha:
+        nll = -(w * policy_chosen / chosen_lengths.to(policy_chosen.dtype)).mean()
+        metrics["nll/chosen"] = nll.detach()
+        loss = loss + rpo_alpha * nll
+    return loss, metrics
+
+
+def sft_loss(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor,
+             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Supervised answers: the cross-entropy of the right answer's tokens after the prompt, the mean
+    over all answer tokens of the batch (sum of -log p / number of tokens, as TRL's SFT takes it).
+
+    policy_chosen: (B,) summed log-probs of the right answers; chosen_lengths: (B,) their real
+    tokens. weights (B,) scale each answer's tokens (inverse label frequency); None = all 1. No
+    reference model and no rejected answer: this is the NLL term of `dpo_loss`'s RPO alone, per
+    token of the batch instead of per answer.
+    """
+    w = torch.ones_like(policy_chosen) if weights is None else weights.to(policy_chosen)
+    n = chosen_lengths.to(policy_chosen.dtype)
+    loss = -(w * policy_chosen).sum() / (w * n).sum()
+    metrics = {"logps/chosen": policy_chosen.detach().mean(), "loss/sft": loss.detach()}
     return loss, metrics

@@ -23,8 +23,9 @@ ORDER = ["baseline", "bert", "llama"]  # llama's last cell compares all three: i
 
 
 def strip(book) -> bool:
-    """Remove outputs and execution counts in place; True if there were any."""
-    had = False
+    """Remove outputs, execution counts and the kernel's version details in place; True if there were any."""
+    had = book.metadata.get("language_info") != {"name": "python"}
+    book.metadata["language_info"] = {"name": "python"}  # the kernel writes its Python version here
     for cell in book.cells:
         if cell.cell_type == "code":
             had |= bool(cell.outputs) or cell.execution_count is not None

@@ -285,3 +285,44 @@ def test_pair_weights_scale_each_pairs_loss():
     assert loss.item() == pytest.approx(expected, rel=1e-6) and m["loss/dpo"].item() == pytest.approx(expected, rel=1e-6)
     unweighted, _ = dpo_loss(pc, pr, zeros, zeros, beta=1.0, weights=torch.ones(2))
     assert unweighted.item() == pytest.approx(dpo_loss(pc, pr, zeros, zeros, beta=1.0)[0].item())
+
+
+def test_simpo_loss_by_hand():
+    """SimPO: -log sigmoid(beta * (sum logp_w / |y_w| - sum logp_l / |y_l|) - gamma), no reference."""
+    from minilab.dpo import simpo_loss
+
+    pc, pr = torch.tensor([-2.0, -3.0]), torch.tensor([-6.0, -4.0])
+    lc, lr = torch.tensor([2, 1]), torch.tensor([3, 2])
+    loss, m = simpo_loss(pc, pr, lc, lr, beta=2.0, gamma=0.5)
+    # pair 1: mean logps -1 and -2 -> rewards -2 and -4 -> logits -2 + 4 - 0.5 = 1.5
+    #   -log sigmoid(1.5) = log(1 + e^-1.5) = log(1.2231302) = 0.2014133
+    # pair 2: mean logps -3 and -2 -> rewards -6 and -4 -> logits -6 + 4 - 0.5 = -2.5
+    #   -log sigmoid(-2.5) = log(1 + e^2.5) = log(13.1824940) = 2.5788897
+    # mean: (0.2014133 + 2.5788897) / 2 = 1.3901515
+    assert loss.item() == pytest.approx(1.3901515, abs=1e-6)
+    assert m["rewards/chosen"].item() == pytest.approx(-4.0) and m["rewards/rejected"].item() == pytest.approx(-4.0)
+    assert m["rewards/margins"].item() == pytest.approx(0.0) and m["rewards/accuracies"].item() == 0.5
+    # label smoothing 0.1, pair 1: 0.9 * 0.2014133 + 0.1 * log(1 + e^1.5) = 0.1812720 + 0.1701413 = 0.3514133
+    one = (pc[:1], pr[:1], lc[:1], lr[:1])
+    assert simpo_loss(*one, beta=2.0, gamma=0.5, label_smoothing=0.1)[0].item() == pytest.approx(0.3514133, abs=1e-6)
+    # the gradient, pair 1: d/d(sum logp_w) = -sigmoid(-1.5) * beta / |y_w| = -0.1824255 * 2 / 2
+    g = pc[:1].clone().requires_grad_(True)
+    simpo_loss(g, pr[:1], lc[:1], lr[:1], beta=2.0, gamma=0.5)[0].backward()
+    assert g.grad.item() == pytest.approx(-0.1824255, abs=1e-6)
+    # equal rewards (the usual start): -log sigmoid(-gamma) = log(1 + e^0.5) = 0.9740770, not ln 2
+    same = torch.tensor([-3.0, -5.0])
+    assert simpo_loss(same, same, lc, lc, beta=2.0, gamma=0.5)[0].item() == pytest.approx(0.9740770, abs=1e-6)
+
+
+def test_sft_loss_by_hand():
+    """Mean cross-entropy per answer token of the batch: -(sum of summed logps) / (sum of lengths)."""
+    from minilab.dpo import sft_loss
+
+    pc, lc = torch.tensor([-2.0, -3.0, -0.5]), torch.tensor([2, 1, 1])
+    # (2 + 3 + 0.5) / (2 + 1 + 1) = 5.5 / 4 = 1.375
+    assert sft_loss(pc, lc)[0].item() == pytest.approx(1.375)
+    # weights 1, 2, 0: (2 + 6 + 0) / (2 + 2 + 0) = 8 / 4 = 2.0
+    assert sft_loss(pc, lc, weights=torch.tensor([1.0, 2.0, 0.0]))[0].item() == pytest.approx(2.0)
+    g = pc.clone().requires_grad_(True)
+    sft_loss(g, lc)[0].backward()  # d/d(logp_i) = -1 / 4 for every answer
+    assert g.grad.tolist() == pytest.approx([-0.25, -0.25, -0.25])

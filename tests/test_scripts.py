@@ -74,6 +74,47 @@ def test_train_dpo_end_to_end(tmp_path, tiny_steam, tiny_llama):
 
 
 @pytest.mark.slow
+def test_train_dpo_simpo_runs_without_a_reference_pass(tmp_path, tiny_steam, tiny_llama):
+    """--loss-type simpo: no reference log-probs are computed or cached, the loss starts at
+    -log sigmoid(-gamma) (equal rewards), and the results record the loss and its margin."""
+    res = run(["train_dpo.py", "--data", str(tiny_steam), "--model", str(tiny_llama), "--max-pairs", "16",
+               "--batch-size", "4", "--epochs", "1", "--test-limit", "8", "--eval-limit", "8", "--eval-every", "2",
+               "--max-new-tokens", "3", "--loss-type", "simpo", "--simpo-gamma", "0.5", "--stream-examples", "0",
+               "--out", str(tmp_path), "--save-dir", str(tmp_path / "adapter"), "--no-progress",
+               "--checkpoint-dir", str(tmp_path / "ck"), "--ref-cache", str(tmp_path / "ref")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SimPO (reference-free, no reference pass): beta 2.0, gamma 0.5" in res.stdout
+    assert not (tmp_path / "ref").exists()
+    r = json.loads((tmp_path / "steam" / "llama-simpo.json").read_text())  # its own name: DPO's llama.json stays
+    assert r["training"]["loss_type"] == "simpo" and r["training"]["simpo_gamma"] == 0.5 and r["training"]["beta"] == 2.0
+    log = [json.loads(line) for line in (tmp_path / "steam" / "llama-simpo_metrics.jsonl").read_text().splitlines()]
+    first = next(x for x in log if x["kind"] == "train")
+    # a random tiny model gives the two answers different mean log-probs, so only roughly 0.974
+    assert "rewards/margins" in first and 0.3 < first["loss"] < 3.0
+
+
+@pytest.mark.slow
+def test_train_dpo_sft_objective(tmp_path, tiny_steam, tiny_llama):
+    """--objective sft: the answer cross-entropy, no reference pass, its own names (llama-sft), no
+    DPO rewards in the log, and a loss on the scale of an NLL per token (the random tiny model's
+    large weights put it well above ln 2)."""
+    res = run([str(REPO / "train_dpo.py"), "--data", str(tiny_steam), "--model", str(tiny_llama), "--max-pairs", "16",
+               "--batch-size", "4", "--epochs", "1", "--test-limit", "8", "--eval-limit", "8", "--eval-every", "2",
+               "--max-new-tokens", "3", "--objective", "sft", "--stream-examples", "0", "--out", str(tmp_path),
+               "--no-progress", "--ref-cache", str(tmp_path / "ref")], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[6/10] SFT: cross-entropy" in res.stdout and not (tmp_path / "ref").exists()
+    r = json.loads((tmp_path / "steam" / "llama-sft.json").read_text())
+    assert r["training"]["objective"] == "sft" and r["training"]["steps"] == 4
+    assert (tmp_path / "runs" / "steam" / "llama-sft-adapter" / "adapter_model.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "steam" / "llama-sft_metrics.jsonl").read_text().splitlines()]
+    first = next(x for x in log if x["kind"] == "train")
+    assert "rewards/margins" not in first and "loss/sft" in first and first["loss"] > 1.0
+    bad = run([str(REPO / "train_dpo.py"), "--data", str(tiny_steam), "--objective", "sft", "--loss-type", "ipo"], cwd=tmp_path)
+    assert bad.returncode == 2 and "apply to --objective dpo only" in bad.stderr
+
+
+@pytest.mark.slow
 def test_real_minilm_learns_steam_in_one_epoch(tmp_path, shared_data):
     """The CPU preset on the real MiniLM and the full steam data, one epoch: the fine-tuned model
     must beat its untrained head (0.476 here) by a wide margin (one epoch reaches about 0.70-0.80)."""
