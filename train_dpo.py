@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from minilab import distributed
 from minilab.caches import kept_json, reference_key, reference_logps_kept
@@ -38,7 +39,8 @@ from minilab.generate import stream_generate
 from minilab.hub import package_dir
 from minilab.llama import LlamaForCausalLM
 from minilab.weights import load_llama
-from minilab.lmclassifier import classify, map_answer
+from minilab.llama_cls import LlamaForSequenceClassification, prompt_logits
+from minilab.lmclassifier import classify, classify_with_head, map_answer
 from minilab.lora import apply_lora, count_parameters
 from minilab.pairs import balance_pairs, dpo_batches, dpo_pairs, pair_weights
 from minilab.peft_io import load_adapter, save_adapter
@@ -84,9 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--lora-mlp", action="store_true", help="also adapt the MLP projections")
     p.add_argument("--beta", type=positive_float, default=None,
                    help=f"DPO beta, > 0: how far the policy may move from the reference (preset: {c['beta']})")
-    p.add_argument("--objective", choices=["dpo", "sft"], default="dpo",
-                   help="what steps 6 and 7 train: dpo (preference pairs, --loss-type) or sft (cross-entropy of the "
-                        "right answer's tokens); the same model, LoRA, prompt and step budget (default dpo)")
+    p.add_argument("--objective", choices=["dpo", "sft", "head"], default="dpo",
+                   help="what steps 6 and 7 train: dpo (preference pairs, --loss-type), sft (cross-entropy of the "
+                        "right answer's tokens) or head (a K-way head on the prompt's last token, cross-entropy); "
+                        "the same model, LoRA, prompt and step budget (default dpo)")
     p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge", "simpo"], default="sigmoid",
                    help="sigmoid (DPO), ipo, hinge; simpo: reference-free, no reference pass (beta default 2, see --simpo-gamma)")
     p.add_argument("--simpo-gamma", type=nonneg_float, default=0.5,
@@ -125,6 +128,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.objective != "dpo" and (args.loss_type != "sigmoid" or args.label_smoothing):
         p.error(f"argument --loss-type/--label-smoothing: apply to --objective dpo only, not {args.objective}")
+    if args.objective == "head" and args.fsdp:
+        p.error("argument --fsdp: --objective head runs under torchrun with DDP only (drop --fsdp)")
     if args.name is None:
         args.name = run_name(args.objective, args.loss_type)
     if args.label_smoothing and args.loss_type not in ("sigmoid", "simpo"):
@@ -256,6 +261,11 @@ def evaluate_test(run: Run, model) -> tuple[dict, dict, list[int], list[str]]:
     data, fmt, n = run.data, run.fmt, run.test_n
     labels = data.test.labels[:n]
     model.eval()
+    if run.args.objective == "head":  # one forward pass per text, nothing generated
+        mine, _ = classify_with_head(model, run.prefix, distributed.shard(run.prompts["test"][:n]), run.device,
+                                     autocast(run.device, run.amp_dtype))
+        preds = distributed.gather(mine, n, "gathering test predictions")
+        return evaluate_predictions(labels, preds, data.num_labels), None, preds, []
     mine, _, gen = classify(model, run.tokenizer, run.prefix, distributed.shard(run.prompts["test"][:n]), run.answers,
                             run.device, autocast(run.device, run.amp_dtype), gen_tokens=run.args.max_new_tokens)
     preds, texts = map(list, zip(*distributed.gather(list(zip(mine, gen)), n, "gathering test predictions")))
@@ -322,6 +332,8 @@ def add_lora(run: Run) -> None:
     apply_lora(run.model, r=run.lora_rank, alpha=run.lora_alpha, dropout=args.lora_dropout, include_mlp=args.lora_mlp)
     run.model.to(run.device)
     run.lora_targets = run.model.lora_config["target_modules"]
+    if args.objective == "head":  # the LM head gives way to a new K-way head on the last prompt token
+        run.model = LlamaForSequenceClassification.from_causal_lm(run.model, run.data.num_labels)
     run.trainable, run.total = count_parameters(run.model)
 
 
@@ -338,7 +350,7 @@ def prepare(run: Run) -> None:
     run.per_label = [sum(y == k for _, y, _ in run.pairs) for k in range(data.num_labels)]
     run.test_n = args.test_limit or len(data.test)
     run.eval_n = pick(args, preset, "eval_limit") or len(data.dev)
-    run.n_stream = min(args.stream_examples, run.test_n)
+    run.n_stream = 0 if args.objective == "head" else min(args.stream_examples, run.test_n)  # a head cannot generate
 
 
 def zero_shot(run: Run) -> None:
@@ -361,7 +373,7 @@ def configure_dpo(run: Run) -> None:
     if args.objective == "dpo" and args.loss_type == "simpo":  # its rewards are mean log-probs per token
         run.beta = args.beta or SIMPO_BETA
         run.rpo_alpha = args.rpo_alpha or 0.0
-    elif args.objective == "sft":
+    elif args.objective in ("sft", "head"):
         run.beta, run.rpo_alpha = 0.0, 0.0
     run.logps_fn = distributed.answer_logps_for(run.model, args.fsdp, run.prefix_ids)
     t_ref = time.time()
@@ -388,8 +400,40 @@ def start_tracking(run: Run) -> None:
                               group=run.data.task, config=details, resume=run.checkpointer.meta)
 
 
+def train_loss(run: Run, model, bi: int):
+    """Step 7's loss on batch `bi`, by objective. Every objective reads the same fixed batches: the
+    prompts (left-padded), and for the answer-scoring ones each pair's chosen and rejected answers.
+      dpo (sigmoid, ipo, hinge): the preference loss against the reference log-probs, plus RPO's NLL;
+      dpo with simpo: the reference-free SimPO loss on mean log-probs per token;
+      sft: the chosen answers' cross-entropy (the rejected rows are scored too, a few tokens on the
+           shared prompt, and ignored);
+      head: the cross-entropy of the head's K logits against the right label (no answers scored).
+    """
+    args, b = run.args, run.device_batches[bi]
+    if args.objective == "head":
+        logits = prompt_logits(model, b["prompt_ids"], b["prompt_mask"], run.prefix_ids)  # (B, K)
+        labels = torch.tensor([run.pairs[k][1] for k in b["pairs"]], device=logits.device)  # the chosen label
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        w = torch.ones_like(losses) if b["weights"] is None else b["weights"].to(losses)
+        return (w * losses).mean(), {"accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+    pc, pr = split_pairs(run.logps_fn(model, b))
+    chosen_lengths = b["answer_mask"][0::2].sum(1)  # rows alternate chosen, rejected
+    if args.objective == "sft":
+        loss, metrics = sft_loss(pc, chosen_lengths, weights=b["weights"])
+    elif args.loss_type == "simpo":
+        loss, metrics = simpo_loss(pc, pr, chosen_lengths, b["answer_mask"][1::2].sum(1), beta=run.beta,
+                                   gamma=args.simpo_gamma, label_smoothing=args.label_smoothing,
+                                   weights=b["weights"], rpo_alpha=run.rpo_alpha)
+    else:
+        rc, rr = split_pairs(run.refs[bi])
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=run.beta, loss_type=args.loss_type,
+                                 label_smoothing=args.label_smoothing, rpo_alpha=run.rpo_alpha,
+                                 chosen_lengths=chosen_lengths, weights=b["weights"])
+    return loss, {k: v.item() for k, v in metrics.items()}
+
+
 def fine_tune(run: Run) -> None:
-    """Step 7: the DPO loss on the fixed batches (a new order each epoch), scored on dev as it goes,
+    """Step 7: the objective's loss (`train_loss`) on the fixed batches (a new order each epoch), scored on dev as it goes,
     by minilab/train.py's loop (checkpoints, resume, the best dev weights kept)."""
     args, cfg = run.args, run.cfg
 
@@ -398,27 +442,17 @@ def fine_tune(run: Run) -> None:
         random.Random(cfg.seed + epoch).shuffle(order)
         return order
 
-    def loss_fn(model, bi):
-        b = run.device_batches[bi]
-        pc, pr = split_pairs(run.logps_fn(model, b))
-        chosen_lengths = b["answer_mask"][0::2].sum(1)  # rows alternate chosen, rejected
-        if args.objective == "sft":  # the rejected rows are scored too (a few tokens on the shared prompt) and ignored
-            loss, metrics = sft_loss(pc, chosen_lengths, weights=b["weights"])
-            return loss, {k: v.item() for k, v in metrics.items()}
-        if args.loss_type == "simpo":
-            loss, metrics = simpo_loss(pc, pr, chosen_lengths, b["answer_mask"][1::2].sum(1), beta=run.beta,
-                                       gamma=args.simpo_gamma, label_smoothing=args.label_smoothing,
-                                       weights=b["weights"], rpo_alpha=run.rpo_alpha)
-            return loss, {k: v.item() for k, v in metrics.items()}
-        rc, rr = split_pairs(run.refs[bi])
-        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=run.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
-                                 rpo_alpha=run.rpo_alpha, chosen_lengths=chosen_lengths, weights=b["weights"])
-        return loss, {k: v.item() for k, v in metrics.items()}
+    def loss_fn(model, bi):  # train_loss, above: the objective's loss
+        return train_loss(run, model, bi)
 
     def evaluate(model):  # under torchrun each rank scores its share (as many under FSDP, whose forwards are collective)
         prompts, labels = run.prompts["dev"][:run.eval_n], run.data.dev.labels[:run.eval_n]
-        mine, _, _ = classify(model, run.tokenizer, run.prefix, distributed.shard(prompts, lockstep=args.fsdp), run.answers,
-                              run.device, autocast(run.device, run.amp_dtype))
+        if args.objective == "head":
+            mine, _ = classify_with_head(model, run.prefix, distributed.shard(prompts), run.device,
+                                         autocast(run.device, run.amp_dtype))
+        else:
+            mine, _, _ = classify(model, run.tokenizer, run.prefix, distributed.shard(prompts, lockstep=args.fsdp),
+                                  run.answers, run.device, autocast(run.device, run.amp_dtype))
         preds = distributed.gather(mine, len(prompts), "gathering dev predictions")
         return evaluate_predictions(labels, preds, run.data.num_labels)
 
@@ -434,7 +468,8 @@ def save(run: Run) -> None:
                                             else contextlib.nullcontext()) as tmp:
         if main:  # atomic: a kill mid-save leaves the previous adapter whole
             save_adapter(run.model, tmp, base_model_name_or_path=model_ref(run.model_id))
-            write_meta(tmp, {"kind": "llama-lora", "label_names": run.data.label_names,
+            write_meta(tmp, {"kind": "llama-head" if run.args.objective == "head" else "llama-lora",
+                             "label_names": run.data.label_names,
                              "base_dtype": str(run.dtype).removeprefix("torch."), "precision": precision_tag(run.amp_dtype),
                              "prompt_format": prompt_format(run.fmt)})
     distributed.barrier("waiting for rank 0 to save the adapter")
@@ -444,7 +479,9 @@ def reload(run: Run) -> None:
     """Step 9: the saved adapter loaded into a fresh base model, as minilab.predict will load it."""
     run.model = None  # the trained model goes first
     run.model, run.tokenizer = load_llama(run.model_id, dtype=run.dtype)
-    load_adapter(run.model, run.save_dir)
+    if run.args.objective == "head":
+        run.model = LlamaForSequenceClassification.from_causal_lm(run.model, run.data.num_labels)
+    load_adapter(run.model, run.save_dir)  # the LoRA tensors, and the head when there is one
     run.model.to(run.device).eval()
 
 
@@ -469,22 +506,30 @@ def write_results(run: Run) -> Path:
         run.tracker, run.checkpointer, result, cfg, data, out=args.out, name=args.name, kind="llama-dpo",
         model_id=run.model_id, zero_shot=run.zero_shot, fine_tuned=run.fine_tuned, predictions=run.preds,
         wrong=wrong_examples(data.test.texts, data.test.labels[:run.test_n], run.preds, data.label_names,
-                             generated=run.texts),
+                             generated=run.texts or None),
         warnings=run.warnings, device=run.device, dtype=f"{run.dtype} weights, {precision_name(run.amp_dtype)}",
         save_dir=run.save_dir, loss_curve=_loss_curve(args.objective, args.loss_type, args.simpo_gamma),
-        summary={"test/generation_accuracy": run.fine_gen["accuracy"]},
+        summary={"test/generation_accuracy": run.fine_gen["accuracy"]} if run.fine_gen else {},
         split_sizes={**data.sizes(), "test_evaluated": run.test_n, "dev_evaluated": run.eval_n},
-        extra={"fine_tuned": {"generation_accuracy": {"zero_shot": run.zero_gen, "fine_tuned": run.fine_gen}},
+        extra={**({"fine_tuned": {"generation_accuracy": {"zero_shot": run.zero_gen, "fine_tuned": run.fine_gen}}}
+                  if run.fine_gen else {}),
                "checkpoints": {"reference_logps": {"seconds": run.ref_seconds, "cached": run.ref_cached,
                                                    "file": str(run.ref_file)}},
                "command": {"training": training},
                "save_dir": {"prompt_format": prompt_format(run.fmt), "examples": examples}})
 
 
+def _generation(gen: dict | None) -> str:
+    """The free-generation part of a printed score line (none for a head)."""
+    return "" if gen is None else f"; free generation {fmt_score(gen)} ({gen['unparsed']} unparsed)"
+
+
 def _loss_curve(objective: str, loss_type: str, gamma: float) -> tuple:
     """The loss picture's title and its starting line (where the untrained policy's loss lies)."""
     if objective == "sft":
         return "SFT loss (cross-entropy per answer token)", None
+    if objective == "head":
+        return "cross-entropy (head)", None
     if loss_type == "simpo":  # equal rewards: -log sigmoid(-gamma)
         return "SimPO loss", (math.log1p(math.exp(gamma)), f"-log sigmoid(-gamma), gamma {gamma:g}")
     return "DPO loss", ((math.log(2), "ln 2 (policy = reference)") if loss_type == "sigmoid" else None)
@@ -513,14 +558,18 @@ def main(argv=None) -> int:
           f"{mean_len:.0f} tokens per text on average, texts cut at {fmt.max_text_tokens} tokens keeping the {fmt.keep}")
     print("      example prompt:\n      " + run.tokenizer.decode(run.prefix + run.prompts["test"][0]).replace("\n", "\n      "))
 
-    print(f"[5/10] streaming inference before training ({run.n_stream} test texts):")
+    print(f"[5/10] streaming inference before training ({run.n_stream} test texts"
+          + (", none: a head does not generate)" if args.objective == "head" else "):"))
     zero_shot(run)
-    print(f"      zero-shot on test ({run.test_n}): label scoring {fmt_score(run.zero_shot)}, macro-F1 "
-          f"{run.zero_shot['macro_f1']:.3f}; free generation {fmt_score(run.zero_gen)} ({run.zero_gen['unparsed']} "
-          f"unparsed) [{run.zero_shot_seconds:.0f}s]")
+    how = "the untrained head" if args.objective == "head" else "label scoring"
+    print(f"      zero-shot on test ({run.test_n}): {how} {fmt_score(run.zero_shot)}, macro-F1 "
+          f"{run.zero_shot['macro_f1']:.3f}{_generation(run.zero_gen)} [{run.zero_shot_seconds:.0f}s]")
 
     configure_dpo(run)
-    if args.objective == "sft":
+    if args.objective == "head":
+        print(f"[6/10] head: cross-entropy of {data.num_labels} logits on the last prompt token, the head "
+              f"({run.model.score.weight.numel():,} weights) trained in full beside LoRA (no reference pass)")
+    elif args.objective == "sft":
         print("[6/10] SFT: cross-entropy of the right answer's tokens after the prompt (no reference pass)")
     elif args.loss_type == "simpo":
         print(f"[6/10] SimPO (reference-free, no reference pass): beta {run.beta}, gamma {args.simpo_gamma}, "
@@ -546,8 +595,9 @@ def main(argv=None) -> int:
 
     print("[10/10] streaming inference after training:")
     final_evaluation(run)
-    print(f"      after DPO on test ({run.test_n}): label scoring {fmt_score(run.fine_tuned)}, macro-F1 "
-          f"{run.fine_tuned['macro_f1']:.3f}; free generation {fmt_score(run.fine_gen)} ({run.fine_gen['unparsed']} unparsed)")
+    how = "the head" if args.objective == "head" else "label scoring"
+    print(f"      after training ({args.name}) on test ({run.test_n}): {how} {fmt_score(run.fine_tuned)}, macro-F1 "
+          f"{run.fine_tuned['macro_f1']:.3f}{_generation(run.fine_gen)}")
     run.warnings = warn_one_label(run.fine_tuned, data.label_names)
     if not run.world.is_main:  # rank 0 alone writes the results
         return 0

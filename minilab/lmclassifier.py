@@ -74,3 +74,24 @@ def classify(model, tokenizer, prefix: list[int], prompts: list[list[int]], answ
                 for j, i in enumerate(idx):
                     texts[i] = tokenizer.decode(gen[j], skip_special=True)
     return preds, scores, texts
+
+
+@torch.no_grad()
+def classify_with_head(model, prefix: list[int], prompts: list[list[int]], device, amp_ctx,
+                       batch_size: int = 32) -> tuple[list[int], list[list[float]]]:
+    """Predicted label and K-way probabilities per prompt from a classification head
+    (`llama_cls.LlamaForSequenceClassification`): one forward pass per batch of prompts, after the
+    shared prefix run once, and no answer words. Returns (predicted label, probabilities)."""
+    pad_id = 0  # a left-padded column is masked out, so its id does not matter
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding
+    preds, probs = [0] * len(prompts), [None] * len(prompts)
+    with amp_ctx:
+        shared = run_prefix(model, torch.tensor([prefix], device=device)) if prefix else None
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            p_ids, p_mask = (t.to(device) for t in pad([prompts[i] for i in idx], pad_id, side="left"))  # (B, Tp)
+            logits = model.head(prefill(model, p_ids, p_mask, shared).h_last).float().cpu()  # (B, K)
+            for j, i in enumerate(idx):
+                probs[i] = logits[j].softmax(-1).tolist()
+                preds[i] = int(logits[j].argmax())
+    return preds, probs

@@ -6,6 +6,11 @@ PeftModel.base_model (a LoraModel) .model) and `adapter_config.json` (PEFT's Lor
 fields). So an adapter trained here loads with `peft.PeftModel.from_pretrained`, and one
 trained with PEFT loads here with `load_adapter`, which applies LoRA (`minilab.lora.apply_lora`)
 as the config says and then checks every key and shape against the model.
+
+A model whose class names `modules_to_save` (the classification head `score` of
+`minilab.llama_cls`) also saves those modules whole, keyed `base_model.model.score.weight` as
+PEFT saves them, with `task_type` SEQ_CLS: without it the head, trained in full, would be lost on
+reload, the trap PEFT users fall into when they forget `modules_to_save`.
 """
 
 from __future__ import annotations
@@ -23,12 +28,21 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT wraps the model twice: PeftModel.base_model (LoraModel).model
 
 
+def saved_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules saved whole beside the LoRA tensors (the class's `modules_to_save`), by name."""
+    return {name: model.get_submodule(name) for name in getattr(model, "modules_to_save", ())}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names: base_model.model.<module path>.lora_{A,B}.weight."""
+    """The adapter tensors under PEFT's key names: base_model.model.<module path>.lora_{A,B}.weight,
+    and base_model.model.<module>.<param> for each module saved whole."""
     out = {}
     for name, layer in lora_layers(model).items():
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    for name, module in saved_modules(model).items():
+        for pname, p in module.named_parameters():
+            out[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
     return out
 
 
@@ -51,7 +65,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     save_file(adapter_state_dict(model), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": getattr(model, "peft_task_type", "CAUSAL_LM"),
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg["r"],
         "lora_alpha": cfg["lora_alpha"],
@@ -62,7 +76,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(saved_modules(model)) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -97,7 +111,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         "rank_pattern": cfg.get("rank_pattern"),
         "alpha_pattern": cfg.get("alpha_pattern"),
         "layers_to_transform": cfg.get("layers_to_transform"),
-        "modules_to_save": cfg.get("modules_to_save"),
         "fan_in_fan_out": cfg.get("fan_in_fan_out"),
         "lora_bias": cfg.get("lora_bias"),
     }
@@ -106,6 +119,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         used["bias"] = cfg["bias"]
     if used:
         raise ValueError(f"{cfg_path} uses LoRA options minilab does not implement: {used}")
+    wanted = set(cfg.get("modules_to_save") or ())
+    have = set(saved_modules(model))
+    # PEFT's SEQ_CLS configs list both "classifier" and "score" (BERT's and LLaMA's names); the model's own must be there.
+    if wanted and not (have & wanted) or have - wanted:
+        raise ValueError(f"{cfg_path} saves modules {sorted(wanted) or 'none'} whole, but this model's are "
+                         f"{sorted(have) or 'none'}: is it an adapter for a {'causal LM' if wanted else 'classification head'}?")
     targets = cfg.get("target_modules")
     if not isinstance(targets, list):
         raise ValueError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
@@ -137,4 +156,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         for name, layer in lora_layers(model).items():
             layer.lora_A.weight.copy_(saved[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             layer.lora_B.weight.copy_(saved[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+        for name, module in saved_modules(model).items():
+            for pname, p in module.named_parameters():
+                p.copy_(saved[f"{PEFT_PREFIX}{name}.{pname}"])
+            module.requires_grad_(True)  # trained in full, as PEFT's modules_to_save are (apply_lora froze them)
     return model

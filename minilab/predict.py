@@ -98,6 +98,11 @@ class LlamaClassifier:
             self.model, self.tokenizer = load_llama(base, dtype=getattr(torch, dtype or meta.get("base_dtype", "float32")))
         except HubError as e:  # a Hub id that is not there: the flag to name is predict's own
             raise PredictError(f"base model {base}: {str(e).replace('--model ', '--base ')}") from e
+        self.head = meta.get("kind") == "llama-head"  # a K-way head on the last prompt token (--objective head)
+        if self.head:
+            from .llama_cls import LlamaForSequenceClassification
+
+            self.model = LlamaForSequenceClassification.from_causal_lm(self.model, len(self.label_names))
         load_adapter(self.model, folder)
         self.model.to(device).eval()
         self.fmt = PromptFormat(**meta["prompt_format"])
@@ -106,22 +111,29 @@ class LlamaClassifier:
         self.device, self.meta, self.base, self.folder = device, meta, base, folder
 
     def predict_proba(self, texts: list[str]) -> list[list[float]]:
-        from .lmclassifier import classify
+        from .lmclassifier import classify, classify_with_head
 
         prompts = [self.builder.example(t) for t in texts]
+        if self.head:  # the head's own probabilities
+            return classify_with_head(self.model, self.builder.prefix, prompts, self.device,
+                                      _amp(self.device, self.meta.get("precision")))[1]
         _, scores, _ = classify(self.model, self.tokenizer, self.builder.prefix, prompts, self.answers, self.device,
                                 _amp(self.device, self.meta.get("precision")))
         return torch.tensor(scores).softmax(-1).tolist()  # the answers' likelihoods, normalised over the labels
 
     def merge(self, out: str | Path) -> Path:
-        """Fold the LoRA into the base weights and write a plain Hub folder (no adapter needed)."""
-        from .weights import save_llama
+        """Fold the LoRA into the base weights and write a plain Hub folder (no adapter needed): a
+        LlamaForCausalLM, or for a head a LlamaForSequenceClassification (transformers loads both)."""
+        from .weights import save_llama, save_llama_classifier
         from .lora import merge_and_unload
         from .results import atomic_folder
 
         model = merge_and_unload(self.model)
         with atomic_folder(out, protect=[self.folder, self.base], flag="--merge") as tmp:  # never over the adapter or base
-            save_llama(model.float(), self.tokenizer, tmp)
+            if self.head:
+                save_llama_classifier(model.float(), self.tokenizer, tmp, self.label_names)
+            else:
+                save_llama(model.float(), self.tokenizer, tmp)
             base = str(Path(self.base).resolve()) if Path(self.base).exists() else self.base
             write_meta(tmp, {"kind": "llama-merged", "label_names": self.label_names, "base": base,
                              "adapter": str(Path(self.folder).resolve()), "prompt_format": self.meta["prompt_format"]})
@@ -225,7 +237,7 @@ def load_classifier(path: str | Path, device: str | None = None, base: str | Non
     kind = read_meta(path).get("kind")
     if kind == "bert":
         return Classifier(BertClassifier(path, dev), kind, path)
-    if kind == "llama-lora":
+    if kind in ("llama-lora", "llama-head"):
         return Classifier(LlamaClassifier(path, dev, base, base_dtype), kind, path)
     if kind == "baseline":
         return Classifier(BaselineClassifier(path), kind, path)
@@ -339,7 +351,7 @@ def main(argv=None) -> int:
         check_output_folder(args.merge, [target, args.base or recorded], flag="--merge")
     clf = load_classifier(target, args.device, args.base, base_dtype="float32" if args.merge else None)
     if args.merge:
-        if clf.kind != "llama-lora":
+        if clf.kind not in ("llama-lora", "llama-head"):
             raise PredictError(f"--merge is for a LoRA adapter; {clf.path} is a {clf.kind} model")
         print(f"merged model written to {clf.impl.merge(args.merge)}")
         return 0

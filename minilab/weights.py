@@ -336,6 +336,28 @@ def save_llama(model: LlamaForCausalLM, tokenizer: ChatTokenizer | None, folder:
     return folder
 
 
+def save_llama_classifier(model, tokenizer: ChatTokenizer | None, folder: str | Path, label_names: list[str]) -> Path:
+    """A `minilab.llama_cls.LlamaForSequenceClassification` (LoRA merged first) as the Hub folder of
+    transformers' LlamaForSequenceClassification: the decoder's tensors under their Hub names, the
+    head as `score.weight`, and num_labels / id2label in config.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tensors = {hub: model.get_parameter(ours) for ours, hub in llama_key_map(config).items() if ours.startswith("model.")}
+    tensors["score.weight"] = model.score.weight
+    write_safetensors(tensors, folder / "model.safetensors")
+    cfg = config.to_hub_dict()
+    cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=len(label_names),
+               id2label={str(i): n for i, n in enumerate(label_names)}, label2id={n: i for i, n in enumerate(label_names)},
+               torch_dtype=str(model.score.weight.dtype).removeprefix("torch."))
+    if tokenizer is not None:
+        cfg["pad_token_id"] = tokenizer.pad_id  # transformers finds each row's last real token by it
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return folder
+
+
 def save_gguf_as_safetensors(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write a Hub-layout folder from a GGUF file (dequantised fp32 weights, tokenizer).
 

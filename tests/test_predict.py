@@ -26,6 +26,9 @@ def trained(tmp_path_factory, tiny_steam, tiny_bert, tiny_llama):
                   "--test-limit", "24", "--eval-limit", "8", "--max-new-tokens", "2", "--stream-examples", "1",
                   "--lr", "1e-3", "--save-dir", str(out / "llama"), "--checkpoint-dir", str(out / "llama-ck"),
                   "--ref-cache", str(out / "ref"), "--no-progress"],
+        "llama-head": ["train_dpo.py", *common, "--model", str(tiny_llama), "--objective", "head", "--epochs", "1",
+                       "--max-pairs", "16", "--batch-size", "4", "--test-limit", "24", "--eval-limit", "8", "--lr", "1e-3",
+                       "--save-dir", str(out / "llama-head"), "--checkpoint-dir", str(out / "llama-head-ck"), "--no-progress"],
     }
     for name, args in runs.items():
         res = run(args)
@@ -33,7 +36,7 @@ def trained(tmp_path_factory, tiny_steam, tiny_bert, tiny_llama):
     return out
 
 
-@pytest.mark.parametrize("name", ["baseline", "bert", "llama"])
+@pytest.mark.parametrize("name", ["baseline", "bert", "llama", "llama-head"])
 def test_predict_equals_the_training_runs_test_predictions(trained, tiny_steam, name):
     from minilab.data import load_task
 
@@ -73,6 +76,26 @@ def test_merged_llama_loads_in_transformers_with_equal_logits(trained, tmp_path)
         theirs = hf(ids).logits
     assert (ours - theirs).abs().max().item() < 1e-4
     assert not list((tmp_path / "merged").glob("adapter_*"))
+
+
+def test_head_adapter_and_its_merge_load_in_transformers(trained, tmp_path):
+    """--objective head: the adapter holds the head (PEFT's modules_to_save), and --merge writes a
+    LlamaForSequenceClassification folder that transformers loads with our logits (within 1e-4)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = json.loads((trained / "llama-head" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
+    res = run(["-m", "minilab.predict", str(trained / "llama-head"), "--merge", str(tmp_path / "merged")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    clf = load_classifier(trained / "llama-head", base_dtype="float32")
+    builder = clf.impl.builder
+    ids = torch.tensor([builder.prefix + builder.example("A long review about a game with many bugs.")])
+    with torch.no_grad():
+        ours = clf.impl.model(ids).float()
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32)
+        theirs = hf.eval()(ids).logits
+    assert ours.shape == theirs.shape == (1, 2)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert hf.config.id2label == {0: clf.label_names[0], 1: clf.label_names[1]}
 
 
 @pytest.mark.parametrize("case,message", [

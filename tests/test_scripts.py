@@ -185,3 +185,26 @@ def test_resume_with_a_changed_option_is_refused_by_name(tmp_path, tiny_steam, t
     assert again.returncode == 2
     assert again.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in ")
     assert "lr: None -> 0.0003" in again.stderr and "train.lr: 0.0001 -> 0.0003" in again.stderr
+
+
+@pytest.mark.slow
+def test_train_dpo_head_objective(tmp_path, tiny_steam, tiny_llama):
+    """--objective head: a K-way head on the last prompt token, no reference pass and no generation;
+    the adapter folder holds the head beside LoRA (task SEQ_CLS, modules_to_save score)."""
+    res = run([str(REPO / "train_dpo.py"), "--data", str(tiny_steam), "--model", str(tiny_llama), "--max-pairs", "16",
+               "--batch-size", "4", "--epochs", "1", "--test-limit", "8", "--eval-limit", "8", "--eval-every", "2",
+               "--objective", "head", "--lr", "1e-3", "--out", str(tmp_path), "--no-progress",
+               "--ref-cache", str(tmp_path / "ref")], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[6/10] head: cross-entropy of 2 logits on the last prompt token" in res.stdout
+    assert not (tmp_path / "ref").exists()
+    r = json.loads((tmp_path / "steam" / "llama-head.json").read_text())
+    assert r["training"]["objective"] == "head" and r["fine_tuned"]["n"] == 8 and "generation_accuracy" not in r["fine_tuned"]
+    adapter = tmp_path / "runs" / "steam" / "llama-head-adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
+    from safetensors.torch import load_file
+
+    assert load_file(str(adapter / "adapter_model.safetensors"))["base_model.model.score.weight"].shape[0] == 2
+    bad = run([str(REPO / "train_dpo.py"), "--data", str(tiny_steam), "--objective", "head", "--fsdp"], cwd=tmp_path)
+    assert bad.returncode == 2 and "DDP only" in bad.stderr
