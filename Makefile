@@ -1,12 +1,13 @@
 # minilab: `make lab` runs the whole lab, `make test` the tests. Each installs what it needs into .venv.
 #
-#   make lab  [TASK=steam|sst2|emotion] [DATA=folder-or-hub-id] [PRESET=cpu|gpu] [FORCE=1] [RESUME=1] [NPROC=N]
+#   make lab  [TASK=steam|sst2|emotion] [DATA=folder-or-hub-id] [PRESET=cpu|gpu] [FORCE=1] [RESUME=1] [NPROC=N] [SEEDS=0,1,2]
 #   make test          every test, the slow end-to-end ones included (CI runs this)
 #   make test-fast     skip the tests marked slow
 #   make bench         speed benchmarks against the transformers / TRL reference stacks, and 1 vs 2 processes
 #   make profile       where one BERT and one DPO training step spend their time, by op kind
 #   make gpu-check     on a CUDA machine: cuda tests, BERT-base / Llama-1B-sized steps, fp16, a short DPO run
 #   make notebooks     run notebooks/{baseline,bert,llama}.ipynb top to bottom, outputs written into them
+#   make compare       the lab plus the LLaMA's other objectives (SFT, SimPO, a classification head), one report
 
 PYTHON ?= python3
 VENV   := .venv
@@ -23,7 +24,7 @@ export MINILAB_DATA
 # torch is pinned to the release whose CPU wheel lies on these machines; any other spec pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: lab baseline bert llama report test test-fast bench profile gpu-check notebooks notebooks-clean install install-dev clean
+.PHONY: lab compare llama-sft llama-simpo llama-head baseline bert llama report test test-fast bench profile gpu-check notebooks notebooks-clean install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +47,21 @@ DATA_ARG  = $(if $(DATA),--data $(DATA),)
 RESULTS   = results/$(TASK)
 STEP_DEPS = $(VENV)/.installed $(wildcard minilab/*.py) $(if $(wildcard $(DATA)),$(wildcard $(DATA)/*),)
 
+# SEEDS=0,1,2: BERT and the LLaMA once per seed (results/<task>/bert-seed1.json, llama-seed1.json, ...);
+# the report adds their mean ± std beside each seed and says which rows the seeds can tell apart.
+# (The baseline is deterministic: L-BFGS from zeros on fixed features; it runs once.)
+comma := ,
+SEEDS ?=
+SEED_STEPS = $(foreach s,$(subst $(comma), ,$(SEEDS)),bert-seed$(s) llama-seed$(s))
+
 lab: install
-	$(MAKE) --no-print-directory baseline bert llama report
+	$(MAKE) --no-print-directory baseline $(if $(SEEDS),$(SEED_STEPS),bert llama) report
+
+bert-seed%: install
+	$(call step,bert-seed$*,train_bert.py,--preset $(PRESET) --seed $* --name bert-seed$*,$(TRAIN_LAUNCH),resumable)
+
+llama-seed%: install
+	$(call step,llama-seed$*,train_dpo.py,--preset $(PRESET) --seed $* --name llama-seed$*,$(TRAIN_LAUNCH),resumable)
 
 # $(call step,NAME,SCRIPT,ARGS[,LAUNCHER]): run SCRIPT (with LAUNCHER, default python) unless results/<task>/NAME.json is newer than its inputs
 # (the script, the package, the data files) and was made by the same command line (task, data,
@@ -71,6 +85,20 @@ bert: install
 
 llama: install
 	$(call step,llama,train_dpo.py,--preset $(PRESET),$(TRAIN_LAUNCH),resumable)
+
+# The ways to make the LLaMA a classifier side by side (README: Other ways to train the LLaMA): each
+# writes results/<task>/<name>.json, and the report puts them in one table and one picture.
+compare: install
+	$(MAKE) --no-print-directory baseline bert llama llama-sft llama-simpo llama-head report
+
+llama-sft: install
+	$(call step,llama-sft,train_dpo.py,--preset $(PRESET) --objective sft,$(TRAIN_LAUNCH),resumable)
+
+llama-simpo: install
+	$(call step,llama-simpo,train_dpo.py,--preset $(PRESET) --loss-type simpo,$(TRAIN_LAUNCH),resumable)
+
+llama-head: install
+	$(call step,llama-head,train_dpo.py,--preset $(PRESET) --objective head,$(TRAIN_LAUNCH),resumable)
 
 report: install
 	$(BIN)/python -m minilab.report --task $(TASK)

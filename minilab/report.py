@@ -409,6 +409,62 @@ def examples_section(runs: list[Run], task: str, n: int) -> list[str]:
     return out
 
 
+SEED_HEADER = ["method", "seeds", "accuracy per seed", "accuracy mean ± std", "macro-F1 mean ± std",
+               "train time (mean)", "peak memory (max)"]
+
+
+def seed_groups(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs named <method>-seed<k> (`make lab SEEDS=0,1,2`), grouped by method, seeds in order."""
+    import re
+
+    groups: dict[str, list[tuple[int, Run]]] = {}
+    for r in runs:
+        m = re.fullmatch(r"(.+)-seed(\d+)", r.name)
+        if m:
+            groups.setdefault(m.group(1), []).append((int(m.group(2)), r))
+    return {k: [r for _, r in sorted(v, key=lambda t: t[0])] for k, v in groups.items()}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def seeds_section(runs: list[Run]) -> list[str]:
+    """Mean ± std over seeds per method, beside each seed's accuracy, and which methods the seeds
+    and the test split can tell apart. Two methods are called distinguishable only when their mean
+    accuracies differ by more than twice the standard error of that difference over seeds AND by
+    more than the half-width of one run's 95% Wilson interval (the test set is a sample too)."""
+    groups = seed_groups(runs)
+    if not groups:
+        return []
+    rows, stats = [], {}
+    for method, rs in groups.items():
+        acc = [r.data["fine_tuned"]["accuracy"] for r in rs]
+        f1 = [r.data["fine_tuned"]["macro_f1"] for r in rs]
+        (ma, sa), (mf, sf) = mean_std(acc), mean_std(f1)
+        lo, hi = rs[0].data["fine_tuned"]["accuracy_ci95"]
+        stats[method] = (ma, sa, len(rs), (hi - lo) / 2)
+        secs = [r.data.get("train_seconds") or 0.0 for r in rs]
+        rows.append([method, ", ".join(r.name.rsplit("seed", 1)[1] for r in rs), ", ".join(_pct(a) for a in acc),
+                     f"{_pct(ma)} ± {100 * sa:.1f}", f"{mf:.3f} ± {sf:.3f}", _seconds(sum(secs) / len(secs)),
+                     _memory({"peak_rss_mb": max(r.data.get("peak_rss_mb") or 0.0 for r in rs)})])
+    lines = ["## Over seeds", "",
+             "Each method once per seed (`make lab SEEDS=...`); standard deviations are over seeds (n - 1).", "",
+             markdown_table(SEED_HEADER, rows), ""]
+    names = list(stats)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (ma, sa, na, ha), (mb, sb, nb, hb) = stats[a], stats[b]
+            diff, se = ma - mb, math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+            told = abs(diff) > 2 * se and abs(diff) > max(ha, hb)
+            verdict = "distinguishable" if told else "not distinguishable"
+            lines.append(f"- {a} vs {b}: {100 * diff:+.1f} points (2 standard errors over seeds: {200 * se:.1f}; "
+                         f"one run's 95% interval: ±{100 * max(ha, hb):.1f}): **{verdict}**")
+    return lines + [""]
+
+
 def build_report(task: str, root: str | Path = "results", examples: int = 5) -> tuple[str, str, dict[str, Path], list[str]]:
     """(Markdown page, printed table, pictures, notes) for one task; also draws the pictures."""
     runs = load_runs(task, root)
@@ -435,6 +491,7 @@ def build_report(task: str, root: str | Path = "results", examples: int = 5) -> 
               "the difference from the baseline are for the fine-tuned model."
               + (f" Chance level: {_pct(chance)} (always the most common label)." if chance is not None else ""), "",
               table, "",
+              *seeds_section(runs),
               "## Training details", "",
               markdown_table(DETAILS_HEADER, details_rows(runs)), "",
               "Commands:", "", "```", *[f"{r.name}: {r.data.get('command', '-')}" for r in runs], "```", "",
@@ -479,6 +536,9 @@ def main(argv=None) -> int:
     path = Path(args.results) / args.task / "REPORT.md"
     atomic_write(path, text)  # a kill mid-write leaves the previous report whole
     print(table)
+    seeds = seeds_section(load_runs(args.task, args.results))
+    if seeds:
+        print("\n".join(seeds))
     for n in notes:
         print(f"note: {n.replace('`', '')}")
     print(f"report written to {path} with {len(pictures)} pictures")

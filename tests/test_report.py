@@ -333,3 +333,37 @@ def test_verdicts_by_hand():
     assert report.comment(dpo, base, chance) == ("zero-shot not clearly above chance; after training at chance level; "
                                                  "25.0 points below the baseline (95% intervals overlap)")
     assert report.comment(bert, None, chance).endswith("no baseline run yet")
+
+
+def test_seeds_section_by_hand():
+    """make lab SEEDS=...: mean ± sample std over seeds, each seed's accuracy, and the verdict rule
+    (a difference beyond 2 standard errors over seeds AND beyond one run's 95% half-width)."""
+    from minilab.report import Run, seeds_section
+
+    def run(name, acc, f1, ci=(0.74, 0.86)):
+        return Run(name, Path(f"{name}.json"), {"fine_tuned": {"accuracy": acc, "macro_f1": f1, "accuracy_ci95": list(ci)},
+                                                 "train_seconds": 30.0, "peak_rss_mb": 1000.0})
+
+    runs = [run("baseline", 0.78, 0.77),
+            run("bert-seed0", 0.80, 0.79), run("bert-seed1", 0.82, 0.81), run("bert-seed2", 0.78, 0.77),
+            run("llama-seed0", 0.90, 0.89), run("llama-seed1", 0.91, 0.90), run("llama-seed2", 0.89, 0.88),
+            run("llama-sft-seed0", 0.81, 0.80), run("llama-sft-seed1", 0.83, 0.82),
+            run("llama-head-seed0", 0.87, 0.86), run("llama-head-seed1", 0.87, 0.86)]
+    lines = seeds_section(runs)
+    text = "\n".join(lines)
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
+    # bert: mean 0.80, std sqrt((0 + 0.0004 + 0.0004) / 2) = 0.02; llama: 0.90 ± 0.01; llama-sft: 0.82 ± 0.0141
+    assert rows["bert"][1:5] == ["0, 1, 2", "80.0%, 82.0%, 78.0%", "80.0% ± 2.0", "0.790 ± 0.020"]
+    assert rows["llama"][1:4] == ["0, 1, 2", "90.0%, 91.0%, 89.0%", "90.0% ± 1.0"]
+    assert rows["llama-sft"][1:4] == ["0, 1", "81.0%, 83.0%", "82.0% ± 1.4"]
+    assert "baseline" not in rows  # one run, no seeds: only in the main table
+    # bert vs llama: -10.0 points; SE = sqrt(0.02^2 / 3 + 0.01^2 / 3) = 0.0129 -> 2 SE = 2.6 points; half-width 6.0
+    assert ("- bert vs llama: -10.0 points (2 standard errors over seeds: 2.6; one run's 95% interval: ±6.0): "
+            "**distinguishable**") in text
+    # bert vs llama-sft: -2.0 points, inside 2 SE (3.1) and the 6-point half-width; llama vs llama-sft: +8.0,
+    # outside both. llama vs llama-head: +3.0, beyond 2 SE (1.2) but inside one run's half-width: still not.
+    assert "- bert vs llama-sft: -2.0 points (2 standard errors over seeds: 3.1;" in text
+    assert "- llama vs llama-head: +3.0 points (2 standard errors over seeds: 1.2; one run's 95% interval: ±6.0): " \
+           "**not distinguishable**" in text
+    assert text.count("**not distinguishable**") == 3  # and llama-sft vs llama-head (-5.0)
+    assert seeds_section([run("baseline", 0.78, 0.77), run("bert", 0.8, 0.79)]) == []
