@@ -89,6 +89,19 @@ def reference_logps(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, policy_chosen: torch.Tensor,
+                   policy_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The logged metrics of a preference loss, from (B,) detached rewards and the policy's logps."""
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+    }
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -137,14 +150,7 @@ def dpo_loss(
 
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()  # (B,)
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": policy_chosen.detach().mean(),
-        "logps/rejected": policy_rejected.detach().mean(),
-    }
+    metrics = reward_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
     w = torch.ones_like(losses) if weights is None else weights.to(losses)
     loss = (w * losses).mean()
     metrics["loss/dpo"] = loss.detach()  # the preference part alone (ln 2 at the start)
@@ -188,16 +194,8 @@ def simpo_loss(
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     w = torch.ones_like(losses) if weights is None else weights.to(losses)
     loss = (w * losses).mean()
-    cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
-    metrics = {
-        "rewards/chosen": cr.mean(),
-        "rewards/rejected": rr.mean(),
-        "rewards/accuracies": (cr > rr).float().mean(),
-        "rewards/margins": (cr - rr).mean(),
-        "logps/chosen": policy_chosen.detach().mean(),
-        "logps/rejected": policy_rejected.detach().mean(),
-        "loss/dpo": loss.detach(),
-    }
+    metrics = reward_metrics(chosen_rewards.detach(), rejected_rewards.detach(), policy_chosen, policy_rejected)
+    metrics["loss/dpo"] = loss.detach()
     if rpo_alpha:
         nll = -(w * policy_chosen / chosen_lengths.to(policy_chosen.dtype)).mean()
         metrics["nll/chosen"] = nll.detach()
