@@ -30,9 +30,11 @@ def code_cells(book: dict) -> list[str]:
 
 
 def script_steps(script: str) -> list[str]:
-    """The step functions the script's main() calls, in order (every top-level function it calls)."""
+    """The step functions the script's main() calls, in order (every public top-level function it
+    calls; `_helpers` format its printed lines)."""
     tree = ast.parse((REPO / script).read_text())
-    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)} - {"main", "parse_args"}
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+    defined -= {"main", "parse_args"}
     main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
     calls = [n for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in defined]
     return [c.func.id for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]
