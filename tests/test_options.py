@@ -108,7 +108,7 @@ def test_train_bert_ranges(argv, message, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--label-smoothing", "0.5"], "argument --label-smoothing: 0.5 is out of range: pass a number in [0, 0.5)"),
-    (["--label-smoothing", "0.1", "--loss-type", "ipo"], "applies to --loss-type sigmoid only"),
+    (["--label-smoothing", "0.1", "--loss-type", "ipo"], "applies to --loss-type sigmoid and simpo only, not ipo"),
     (["--lora-dropout", "1"], "argument --lora-dropout: 1 is out of range: pass a number in [0, 1)"),
 ])
 def test_train_dpo_ranges(argv, message, capsys):
