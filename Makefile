@@ -127,7 +127,7 @@ gpu-check: install-dev
 # TASK, DATA and preset choice as `make lab`, writing the same results/ and runs/. Stored without
 # outputs: `make notebooks-clean` strips them again before a commit.
 notebooks: install-dev
-	TASK=$(TASK) $(if $(DATA),DATA=$(DATA),) $(BIN)/python notebooks/execute.py
+	TASK=$(TASK) PRESET=$(PRESET) $(if $(DATA),DATA=$(DATA),) $(BIN)/python notebooks/execute.py
 
 notebooks-clean: install-dev
 	$(BIN)/python notebooks/execute.py --strip

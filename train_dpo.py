@@ -128,6 +128,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.objective != "dpo" and (args.loss_type != "sigmoid" or args.label_smoothing):
         p.error(f"argument --loss-type/--label-smoothing: apply to --objective dpo only, not {args.objective}")
+    if args.objective != "dpo" and (args.beta is not None or args.rpo_alpha is not None):
+        p.error(f"argument --beta/--rpo-alpha: apply to --objective dpo only (its preference losses), not {args.objective}")
     if args.objective == "head" and args.fsdp:
         p.error("argument --fsdp: --objective head runs under torchrun with DDP only (drop --fsdp)")
     if args.name is None:
@@ -508,13 +510,13 @@ def write_results(run: Run) -> Path:
         wrong=wrong_examples(data.test.texts, data.test.labels[:run.test_n], run.preds, data.label_names,
                              generated=run.texts or None),
         warnings=run.warnings, device=run.device, dtype=f"{run.dtype} weights, {precision_name(run.amp_dtype)}",
-        save_dir=run.save_dir, loss_curve=_loss_curve(args.objective, args.loss_type, args.simpo_gamma),
+        save_dir=run.save_dir, loss_curve=_loss_curve(args, data.num_labels),
         summary={"test/generation_accuracy": run.fine_gen["accuracy"]} if run.fine_gen else {},
         split_sizes={**data.sizes(), "test_evaluated": run.test_n, "dev_evaluated": run.eval_n},
         extra={**({"fine_tuned": {"generation_accuracy": {"zero_shot": run.zero_gen, "fine_tuned": run.fine_gen}}}
                   if run.fine_gen else {}),
                "checkpoints": {"reference_logps": {"seconds": run.ref_seconds, "cached": run.ref_cached,
-                                                   "file": str(run.ref_file)}},
+                                                   "file": str(run.ref_file) if run.ref_file else None}},
                "command": {"training": training},
                "save_dir": {"prompt_format": prompt_format(run.fmt), "examples": examples}})
 
@@ -524,15 +526,17 @@ def _generation(gen: dict | None) -> str:
     return "" if gen is None else f"; free generation {fmt_score(gen)} ({gen['unparsed']} unparsed)"
 
 
-def _loss_curve(objective: str, loss_type: str, gamma: float) -> tuple:
-    """The loss picture's title and its starting line (where the untrained policy's loss lies)."""
-    if objective == "sft":
+def _loss_curve(args, num_labels: int) -> tuple:
+    """The loss picture's title and its starting line (where the untrained model's loss lies)."""
+    if args.objective == "sft":  # starts at the untrained model's own answer NLL
         return "SFT loss (cross-entropy per answer token)", None
-    if objective == "head":
-        return "cross-entropy (head)", None
-    if loss_type == "simpo":  # equal rewards: -log sigmoid(-gamma)
-        return "SimPO loss", (math.log1p(math.exp(gamma)), f"-log sigmoid(-gamma), gamma {gamma:g}")
-    return "DPO loss", ((math.log(2), "ln 2 (policy = reference)") if loss_type == "sigmoid" else None)
+    if args.objective == "head":  # a head initialised near zero guesses uniformly
+        return "cross-entropy (head)", (math.log(num_labels), f"uniform guess, ln {num_labels}")
+    if args.loss_type == "simpo":  # equal rewards: -log sigmoid(-gamma), mixed with the flipped pair's by eps
+        g, eps = args.simpo_gamma, args.label_smoothing
+        return "SimPO loss", ((1 - eps) * math.log1p(math.exp(g)) + eps * math.log1p(math.exp(-g)),
+                              f"equal rewards, gamma {g:g}")
+    return "DPO loss", ((math.log(2), "ln 2 (policy = reference)") if args.loss_type == "sigmoid" else None)
 
 
 def main(argv=None) -> int:

@@ -81,10 +81,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Options added after checkpoints already existed, with the value every earlier run had: a
+# checkpoint that does not record one of them was made with this value, not with "nothing".
+ADDED_OPTIONS = {"objective": "dpo", "simpo_gamma": 0.5}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'name: saved -> current' for every config field that differs (`options.RESUME_SAFE` aside)."""
     keys = sorted((set(saved) | set(current)) - set(RESUME_SAFE))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    old = lambda k: saved.get(k, ADDED_OPTIONS.get(k))  # noqa: E731
+    return [f"{k}: {old(k)!r} -> {current.get(k)!r}" for k in keys if old(k) != current.get(k)]
 
 
 def crc32_of(path: Path) -> int:

@@ -41,8 +41,19 @@ class Run:
         return self.name == "baseline"
 
     @property
+    def objective(self) -> str | None:
+        """dpo, simpo (a reference-free preference loss), sft, head, or None for a plain classifier."""
+        t = self.data.get("training") or {}
+        if t.get("objective") in ("sft", "head"):
+            return t["objective"]
+        if t.get("loss_type") == "simpo":
+            return "simpo"
+        return "dpo" if self.data.get("kind") in ("llama", "dpo") or "beta" in t else None
+
+    @property
     def is_dpo(self) -> bool:
-        return self.data.get("kind") in ("llama", "dpo") or "beta" in (self.data.get("training") or {})
+        """A preference loss against a reference model (DPO, IPO, hinge): its rewards are log-ratios."""
+        return self.objective == "dpo"
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,10 +308,17 @@ def details_rows(runs: list[Run]) -> list[list[str]]:
 
 def start_loss(run: Run, task: str) -> tuple[float, str] | None:
     """The loss of a model that knows nothing, and its name: ln k for a uniform guess among k
-    labels; ln 2 for the sigmoid DPO loss, whose margin is 0 while the policy equals the reference."""
-    if run.is_dpo:
-        loss_type = (run.data.get("training") or {}).get("loss_type", "sigmoid")
-        return (math.log(2), "policy = reference, ln 2") if loss_type in (None, "sigmoid") else None
+    labels (a classifier, the LLaMA's head); ln 2 for the sigmoid DPO loss, whose margin is 0 while
+    the policy equals the reference; SimPO's -log sigmoid(-gamma) at equal rewards; none for SFT
+    (it starts at the untrained model's own answer NLL)."""
+    training = run.data.get("training") or {}
+    if run.objective == "dpo":
+        return (math.log(2), "policy = reference, ln 2") if training.get("loss_type") in (None, "sigmoid") else None
+    if run.objective == "simpo":
+        g = training.get("simpo_gamma", 0.5)
+        return (math.log1p(math.exp(g)), f"equal rewards, -log sigmoid(-{g:g})")
+    if run.objective == "sft":
+        return None
     k = len(label_names(run, task))
     return (math.log(k), f"uniform guess, ln {k}") if k > 1 else None
 
@@ -320,7 +338,8 @@ def draw_pictures(task: str, runs: list[Run], out_dir: Path) -> tuple[dict[str, 
         except Exception as e:  # one bad picture must not cost the whole report
             notes.append(f"`{name}` skipped: drawing failed ({type(e).__name__}: {e})")
 
-    curves = [(f"{r.name}: {_short_model(str(r.data.get('model', '')))}", "DPO loss" if r.is_dpo else "cross-entropy loss",
+    loss_names = {"dpo": "DPO loss", "simpo": "SimPO loss", "sft": "answer cross-entropy"}
+    curves = [(f"{r.name}: {_short_model(str(r.data.get('model', '')))}", loss_names.get(r.objective, "cross-entropy loss"),
                r.log, start_loss(r, task)) for r in runs if any(x.get("kind") == "train" and "loss" in x for x in r.log)]
     if curves:
         attempt("training_curve.png", lambda p: plots.training_curves(curves, p))
@@ -328,7 +347,8 @@ def draw_pictures(task: str, runs: list[Run], out_dir: Path) -> tuple[dict[str, 
         notes.append("`training_curve.png` skipped: no run has a metrics log with training loss yet "
                      f"(`make bert TASK={task}` writes one)")
 
-    dpo = next((r for r in runs if any("rewards/chosen" in x for x in r.log)), None)
+    # the rewards of a reference-based DPO run (SimPO's are not log-ratios against a reference)
+    dpo = next((r for r in runs if r.is_dpo and any("rewards/chosen" in x for x in r.log)), None)
     if dpo:
         beta = (dpo.data.get("training") or {}).get("beta")
         title = f"DPO implicit rewards ({dpo.name}" + (f", β = {beta})" if beta is not None else ")")

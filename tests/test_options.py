@@ -110,6 +110,9 @@ def test_train_bert_ranges(argv, message, capsys):
     (["--label-smoothing", "0.5"], "argument --label-smoothing: 0.5 is out of range: pass a number in [0, 0.5)"),
     (["--label-smoothing", "0.1", "--loss-type", "ipo"], "applies to --loss-type sigmoid and simpo only, not ipo"),
     (["--lora-dropout", "1"], "argument --lora-dropout: 1 is out of range: pass a number in [0, 1)"),
+    (["--objective", "sft", "--beta", "0.5"], "argument --beta/--rpo-alpha: apply to --objective dpo only"),
+    (["--objective", "head", "--rpo-alpha", "0.1"], "argument --beta/--rpo-alpha: apply to --objective dpo only"),
+    (["--objective", "head", "--loss-type", "simpo"], "argument --loss-type/--label-smoothing: apply to --objective dpo only"),
 ])
 def test_train_dpo_ranges(argv, message, capsys):
     with pytest.raises(SystemExit):

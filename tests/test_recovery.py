@@ -228,3 +228,15 @@ def test_a_damaged_kept_zero_shot_file_is_evaluated_again_with_a_note(tmp_path, 
     assert caches.read_kept_json(path) is None
     out = capsys.readouterr().out
     assert out.startswith(f"note: {path} is damaged (JSONDecodeError") and out.strip().endswith("evaluating again")
+
+
+def test_a_checkpoint_from_before_an_option_existed_still_resumes():
+    """A checkpoint written before --objective and --simpo-gamma existed was made with their first
+    values (dpo, 0.5): resuming it with those values is no change; with others it is one, by name."""
+    from minilab.checkpoint import config_differences
+
+    old = {"lr": 5e-4, "loss_type": "sigmoid"}
+    now = {"lr": 5e-4, "loss_type": "sigmoid", "objective": "dpo", "simpo_gamma": 0.5}
+    assert config_differences(old, now) == []
+    assert config_differences(old, {**now, "objective": "sft"}) == ["objective: 'dpo' -> 'sft'"]
+    assert config_differences(old, {**now, "other": 1}) == ["other: None -> 1"]

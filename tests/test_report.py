@@ -14,6 +14,7 @@ results files' numbers, and bad or missing inputs must give one clear line.
 
 import csv
 import json
+import math
 import os
 import shutil
 import struct
@@ -367,3 +368,21 @@ def test_seeds_section_by_hand():
            "**not distinguishable**" in text
     assert text.count("**not distinguishable**") == 3  # and llama-sft vs llama-head (-5.0)
     assert seeds_section([run("baseline", 0.78, 0.77), run("bert", 0.8, 0.79)]) == []
+
+
+def test_each_objective_gets_its_own_loss_name_and_start_line():
+    """DPO's ln 2, SimPO's -log sigmoid(-gamma), the head's ln K (a near-zero head guesses uniformly),
+    none for SFT; only reference-based DPO counts as DPO (its rewards are log-ratios)."""
+    from minilab.report import Run, start_loss
+
+    def run(training):
+        return Run("x", Path("x.json"), {"kind": "llama-dpo", "label_names": ["a", "b", "c"], "training": training})
+
+    dpo, simpo = run({"beta": 0.25, "loss_type": "sigmoid"}), run({"beta": 2.0, "loss_type": "simpo", "simpo_gamma": 0.5})
+    sft, head = run({"beta": 0.0, "objective": "sft"}), run({"beta": 0.0, "objective": "head"})
+    assert [r.objective for r in (dpo, simpo, sft, head)] == ["dpo", "simpo", "sft", "head"]
+    assert [r.is_dpo for r in (dpo, simpo, sft, head)] == [True, False, False, False]
+    assert start_loss(dpo, "t")[0] == pytest.approx(math.log(2))
+    assert start_loss(simpo, "t")[0] == pytest.approx(0.9740770, abs=1e-6)  # log(1 + e^0.5)
+    assert start_loss(sft, "t") is None
+    assert start_loss(head, "t")[0] == pytest.approx(math.log(3))  # 3 label names
