@@ -296,8 +296,9 @@ def details_rows(runs: list[Run]) -> list[list[str]]:
         if trainable is not None:
             params_text += f" ({trainable / 1e6:.2f}M trained)"
         lr = t.get("lr")
+        loss = run.objective if run.objective in ("sft", "head") else get("loss_type")  # they have no loss_type of their own
         rows.append([run.name, _cell(_short_model(str(run.data.get("model", "-")))), get("steps"), get("epochs"), batch,
-                     "-" if lr is None else f"{lr:g}", lora, get("beta"), get("loss_type"), get("max_length"),
+                     "-" if lr is None else f"{lr:g}", lora, get("beta"), loss, get("max_length"),
                      params_text, str(run.data.get("seed", "-"))])
     return rows
 
