@@ -521,6 +521,22 @@ def write_results(run: Run) -> Path:
                "save_dir": {"prompt_format": prompt_format(run.fmt), "examples": examples}})
 
 
+def _describe_objective(run: Run) -> str:
+    """Step 6's printed line: what the objective trains, and where its reference came from."""
+    args, data = run.args, run.data
+    if args.objective == "head":
+        return (f"head: cross-entropy of {data.num_labels} logits on the last prompt token, the head "
+                f"({run.model.score.weight.numel():,} weights) trained in full beside LoRA (no reference pass)")
+    if args.objective == "sft":
+        return "SFT: cross-entropy of the right answer's tokens after the prompt (no reference pass)"
+    if args.loss_type == "simpo":
+        return (f"SimPO (reference-free, no reference pass): beta {run.beta}, gamma {args.simpo_gamma}, "
+                f"label smoothing {args.label_smoothing}, chosen-NLL weight {run.rpo_alpha}")
+    how = f"read from {run.ref_file}" if run.ref_cached else f"computed once with the adapters off (kept in {run.ref_file})"
+    return (f"DPO: loss {args.loss_type}, beta {run.beta}, label smoothing {args.label_smoothing}, chosen-NLL weight "
+            f"(RPO) {run.rpo_alpha}; reference log-probs of {len(run.pairs)} pairs {how} in {run.ref_seconds:.1f}s")
+
+
 def _generation(gen: dict | None) -> str:
     """The free-generation part of a printed score line (none for a head)."""
     return "" if gen is None else f"; free generation {fmt_score(gen)} ({gen['unparsed']} unparsed)"
@@ -570,18 +586,7 @@ def main(argv=None) -> int:
           f"{run.zero_shot['macro_f1']:.3f}{_generation(run.zero_gen)} [{run.zero_shot_seconds:.0f}s]")
 
     configure_dpo(run)
-    if args.objective == "head":
-        print(f"[6/10] head: cross-entropy of {data.num_labels} logits on the last prompt token, the head "
-              f"({run.model.score.weight.numel():,} weights) trained in full beside LoRA (no reference pass)")
-    elif args.objective == "sft":
-        print("[6/10] SFT: cross-entropy of the right answer's tokens after the prompt (no reference pass)")
-    elif args.loss_type == "simpo":
-        print(f"[6/10] SimPO (reference-free, no reference pass): beta {run.beta}, gamma {args.simpo_gamma}, "
-              f"label smoothing {args.label_smoothing}, chosen-NLL weight {run.rpo_alpha}")
-    else:
-        how = f"read from {run.ref_file}" if run.ref_cached else f"computed once with the adapters off (kept in {run.ref_file})"
-        print(f"[6/10] DPO: loss {args.loss_type}, beta {run.beta}, label smoothing {args.label_smoothing}, chosen-NLL weight "
-              f"(RPO) {run.rpo_alpha}; reference log-probs of {len(run.pairs)} pairs {how} in {run.ref_seconds:.1f}s")
+    print("[6/10] " + _describe_objective(run))
 
     start_tracking(run)
     print(f"[7/10] train: {f'{cfg.max_steps} steps' if cfg.max_steps else f'{cfg.epochs} epoch(s)'} over {len(run.pairs)} "

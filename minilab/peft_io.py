@@ -89,15 +89,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     return out_dir
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Apply LoRA to `model` as `adapter_config.json` says, then load `adapter_model.safetensors`.
-
-    Accepts adapters written by `save_adapter` or by PEFT (LoRA, list-of-names targets, no
-    DoRA / per-layer ranks). Raises ValueError naming the missing/unexpected keys or the
-    mismatched shapes, so a wrong base model is caught here rather than as garbage outputs.
-    """
-    from safetensors.torch import load_file
-
+def read_adapter_config(adapter_dir: Path, model: nn.Module) -> tuple[dict, Path]:
+    """The adapter's config, checked: both files there, LoRA only, no option minilab does not
+    implement, the modules saved whole (a head) matching the model's. Returns (config, weights path)."""
     adapter_dir = Path(adapter_dir)
     cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     for p in (cfg_path, w_path):
@@ -122,13 +116,27 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     wanted = set(cfg.get("modules_to_save") or ())
     have = set(saved_modules(model))
     # PEFT's SEQ_CLS configs list both "classifier" and "score" (BERT's and LLaMA's names); the model's own must be there.
-    if wanted and not (have & wanted) or have - wanted:
+    if (wanted and not have & wanted) or have - wanted:
         raise ValueError(f"{cfg_path} saves modules {sorted(wanted) or 'none'} whole, but this model's are "
-                         f"{sorted(have) or 'none'}: is it an adapter for a {'causal LM' if wanted else 'classification head'}?")
+                         f"{sorted(have) or 'none'}: it is an adapter for a "
+                         f"{'classification head' if wanted else 'causal LM'}, load it onto one")
     targets = cfg.get("target_modules")
     if not isinstance(targets, list):
         raise ValueError(f"{cfg_path}: target_modules must be a list of module names, got {targets!r}")
+    return cfg, w_path
 
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Apply LoRA to `model` as `adapter_config.json` says, then load `adapter_model.safetensors`.
+
+    Accepts adapters written by `save_adapter` or by PEFT (LoRA, list-of-names targets, no
+    DoRA / per-layer ranks). Raises ValueError naming the missing/unexpected keys or the
+    mismatched shapes, so a wrong base model is caught here rather than as garbage outputs.
+    """
+    from safetensors.torch import load_file
+
+    cfg, w_path = read_adapter_config(Path(adapter_dir), model)
+    targets = cfg["target_modules"]
     apply_lora(
         model,
         r=int(cfg["r"]),

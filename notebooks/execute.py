@@ -72,6 +72,8 @@ def main(argv=None) -> int:
                 print(f"{path}: outputs removed")
             continue
         out = Path(args.out_dir) / path.name if args.out_dir else path
+        if out != path and out.exists():  # a file of the user's: refuse rather than replace it
+            p.error(f"--out-dir {args.out_dir} already holds {path.name}: pass an empty or new folder")
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"== {name}.ipynb", flush=True)
         try:

@@ -103,3 +103,16 @@ def test_notebooks_execute_top_to_bottom(tmp_path, tiny_steam, tiny_bert, tiny_l
     for row in ("baseline", "bert", "llama"):
         assert row in shown, f"the final table lacks {row}: {shown[:500]}"
     assert all((NOTEBOOKS / f"{n}.ipynb").read_bytes() == before[n] for n in SCRIPTS), "the stored notebooks changed"
+
+
+def test_execute_refuses_to_replace_a_file_in_out_dir(tmp_path):
+    """`execute.py --out-dir DIR`: a notebook already in DIR is the user's; it is refused, not overwritten."""
+    sys.path.insert(0, str(NOTEBOOKS))
+    try:
+        import execute
+    finally:
+        sys.path.remove(str(NOTEBOOKS))
+    (tmp_path / "bert.ipynb").write_text("my own notes")
+    with pytest.raises(SystemExit) as e:
+        execute.main(["--out-dir", str(tmp_path), "bert"])
+    assert e.value.code == 2 and (tmp_path / "bert.ipynb").read_text() == "my own notes"
