@@ -7,7 +7,8 @@
 #   make profile       where one BERT and one DPO training step spend their time, by op kind
 #   make gpu-check     on a CUDA machine: cuda tests, BERT-base / Llama-1B-sized steps, fp16, a short DPO run
 #   make notebooks     run notebooks/{baseline,bert,llama}.ipynb top to bottom, outputs written into them
-#   make compare       the lab plus the LLaMA's other objectives (SFT, SimPO, a classification head), one report
+#   make compare  [SEEDS=0,1,2] [OBJECTIVES="llama llama-sft llama-head"]
+#                      the lab plus the LLaMA's other objectives (SFT, SimPO, a classification head), one report
 
 PYTHON ?= python3
 VENV   := .venv
@@ -20,6 +21,8 @@ TRAIN_LAUNCH = $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --npro
 # Real data: $(MINILAB_DATA)/<task>; by default the shared folder beside the repo when it exists.
 MINILAB_DATA ?= $(abspath $(wildcard ../shared/data))
 DATA   ?= $(if $(MINILAB_DATA),$(MINILAB_DATA)/$(TASK),)
+# A dataset of your own: TASK=name DATA=folder TASK_FILE=task.toml (README: Bring your own dataset).
+TASK_FILE ?=
 export MINILAB_DATA
 # torch is pinned to the release whose CPU wheel lies on these machines; any other spec pulls a CUDA build.
 TORCH  ?= torch==2.13.0
@@ -43,7 +46,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-DATA_ARG  = $(if $(DATA),--data $(DATA),)
+DATA_ARG  = $(if $(DATA),--data $(DATA),)$(if $(TASK_FILE), --task-file $(TASK_FILE),)
 RESULTS   = results/$(TASK)
 STEP_DEPS = $(VENV)/.installed $(wildcard minilab/*.py) $(if $(wildcard $(DATA)),$(wildcard $(DATA)/*),)
 
@@ -88,17 +91,34 @@ llama: install
 
 # The ways to make the LLaMA a classifier side by side (README: Other ways to train the LLaMA): each
 # writes results/<task>/<name>.json, and the report puts them in one table and one picture.
+# OBJECTIVES picks which; SEEDS=0,1,2 runs BERT and each of them once per seed (<name>-seed<k>).
+OBJECTIVES ?= llama llama-sft llama-simpo llama-head
+COMPARE_STEPS = $(if $(SEEDS),$(foreach s,$(subst $(comma), ,$(SEEDS)),bert-seed$(s) $(addsuffix -seed$(s),$(OBJECTIVES))),bert $(OBJECTIVES))
+
 compare: install
-	$(MAKE) --no-print-directory baseline bert llama llama-sft llama-simpo llama-head report
+	$(MAKE) --no-print-directory baseline $(COMPARE_STEPS) report
+
+SFT_ARGS   = --objective sft
+SIMPO_ARGS = --loss-type simpo
+HEAD_ARGS  = --objective head
 
 llama-sft: install
-	$(call step,llama-sft,train_dpo.py,--preset $(PRESET) --objective sft,$(TRAIN_LAUNCH),resumable)
+	$(call step,llama-sft,train_dpo.py,--preset $(PRESET) $(SFT_ARGS),$(TRAIN_LAUNCH),resumable)
 
 llama-simpo: install
-	$(call step,llama-simpo,train_dpo.py,--preset $(PRESET) --loss-type simpo,$(TRAIN_LAUNCH),resumable)
+	$(call step,llama-simpo,train_dpo.py,--preset $(PRESET) $(SIMPO_ARGS),$(TRAIN_LAUNCH),resumable)
 
 llama-head: install
-	$(call step,llama-head,train_dpo.py,--preset $(PRESET) --objective head,$(TRAIN_LAUNCH),resumable)
+	$(call step,llama-head,train_dpo.py,--preset $(PRESET) $(HEAD_ARGS),$(TRAIN_LAUNCH),resumable)
+
+llama-sft-seed%: install
+	$(call step,llama-sft-seed$*,train_dpo.py,--preset $(PRESET) $(SFT_ARGS) --seed $* --name llama-sft-seed$*,$(TRAIN_LAUNCH),resumable)
+
+llama-simpo-seed%: install
+	$(call step,llama-simpo-seed$*,train_dpo.py,--preset $(PRESET) $(SIMPO_ARGS) --seed $* --name llama-simpo-seed$*,$(TRAIN_LAUNCH),resumable)
+
+llama-head-seed%: install
+	$(call step,llama-head-seed$*,train_dpo.py,--preset $(PRESET) $(HEAD_ARGS) --seed $* --name llama-head-seed$*,$(TRAIN_LAUNCH),resumable)
 
 report: install
 	$(BIN)/python -m minilab.report --task $(TASK)

@@ -434,8 +434,26 @@ SEED_HEADER = ["method", "seeds", "accuracy per seed", "accuracy mean ± std", "
                "train time (mean)", "peak memory (max)"]
 
 
+def _config_words(command: str) -> list[str]:
+    """A run's command line without what may differ between seeds of one method (seed, name, resume)."""
+    words, out = (command or "").split(), []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+        elif w in ("--seed", "--name"):
+            skip = True
+        elif w not in ("--resume", "--no-progress"):
+            out.append(w)
+    return out
+
+
 def seed_groups(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs named <method>-seed<k> (`make lab SEEDS=0,1,2`), grouped by method, seeds in order."""
+    """Runs named <method>-seed<k> (`make lab SEEDS=0,1,2`), grouped by method, seeds in order.
+
+    A plain run named <method> joins its method's group as the seed it ran with, when no
+    <method>-seed<k> run has that seed and its command line is the seed runs' apart from seed and
+    name: `make llama-sft` then `make llama-sft-seed1 llama-sft-seed2` is three seeds of one method."""
     import re
 
     groups: dict[str, list[tuple[int, Run]]] = {}
@@ -443,7 +461,16 @@ def seed_groups(runs: list[Run]) -> dict[str, list[Run]]:
         m = re.fullmatch(r"(.+)-seed(\d+)", r.name)
         if m:
             groups.setdefault(m.group(1), []).append((int(m.group(2)), r))
+    for r in runs:
+        group, seed = groups.get(r.name), r.data.get("seed")
+        if group and isinstance(seed, int) and seed not in {s for s, _ in group} \
+                and _config_words(r.data.get("command")) == _config_words(group[0][1].data.get("command")):
+            group.append((seed, r))
     return {k: [r for _, r in sorted(v, key=lambda t: t[0])] for k, v in groups.items()}
+
+
+def _seed_of(r: Run) -> str:
+    return str(r.data.get("seed", r.name.rsplit("seed", 1)[-1]))
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -468,7 +495,7 @@ def seeds_section(runs: list[Run]) -> list[str]:
         lo, hi = rs[0].data["fine_tuned"]["accuracy_ci95"]
         stats[method] = (ma, sa, len(rs), (hi - lo) / 2)
         secs = [r.data.get("train_seconds") or 0.0 for r in rs]
-        rows.append([method, ", ".join(r.name.rsplit("seed", 1)[1] for r in rs), ", ".join(_pct(a) for a in acc),
+        rows.append([method, ", ".join(_seed_of(r) for r in rs), ", ".join(_pct(a) for a in acc),
                      f"{_pct(ma)} ± {100 * sa:.1f}", f"{mf:.3f} ± {sf:.3f}", _seconds(sum(secs) / len(secs)),
                      _memory({"peak_rss_mb": max(r.data.get("peak_rss_mb") or 0.0 for r in rs)})])
     lines = ["## Over seeds", "",

@@ -370,6 +370,30 @@ def test_seeds_section_by_hand():
     assert seeds_section([run("baseline", 0.78, 0.77), run("bert", 0.8, 0.79)]) == []
 
 
+def test_a_plain_run_is_its_seed_of_the_method_when_its_command_matches():
+    """`make llama-sft` (seed 0), then `make llama-sft-seed1 llama-sft-seed2`: three seeds of one
+    method. A plain run whose seed a seed run already has, or whose command differs in more than
+    seed and name, stays out of the group."""
+    from minilab.report import Run, seed_groups
+
+    def run(name, seed, command):
+        return Run(name, Path(f"{name}.json"), {"seed": seed, "command": command,
+                                                 "fine_tuned": {"accuracy": 0.8, "macro_f1": 0.8, "accuracy_ci95": [0.7, 0.9]}})
+
+    sft = "python train_dpo.py --task steam --preset cpu --objective sft"
+    runs = [run("llama-sft", 0, sft + " --no-progress"),
+            run("llama-sft-seed1", 1, sft + " --seed 1 --name llama-sft-seed1"),
+            run("llama-sft-seed2", 2, sft + " --seed 2 --name llama-sft-seed2 --resume"),
+            run("bert", 0, "python train_bert.py --task steam --preset cpu"),  # bert-seed0 has seed 0 already
+            run("bert-seed0", 0, "python train_bert.py --task steam --preset cpu --seed 0 --name bert-seed0"),
+            run("bert-seed1", 1, "python train_bert.py --task steam --preset cpu --seed 1 --name bert-seed1"),
+            run("llama-head", 0, "python train_dpo.py --task steam --preset cpu --objective head --lr 1e-3"),
+            run("llama-head-seed1", 1, "python train_dpo.py --task steam --preset cpu --objective head --seed 1 --name x")]
+    groups = {k: [r.name for r in v] for k, v in seed_groups(runs).items()}
+    assert groups == {"llama-sft": ["llama-sft", "llama-sft-seed1", "llama-sft-seed2"],
+                      "bert": ["bert-seed0", "bert-seed1"], "llama-head": ["llama-head-seed1"]}
+
+
 def test_each_objective_gets_its_own_loss_name_and_start_line():
     """DPO's ln 2, SimPO's -log sigmoid(-gamma), the head's ln K (a near-zero head guesses uniformly),
     none for SFT; only reference-based DPO counts as DPO (its rewards are log-ratios)."""
