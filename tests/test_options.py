@@ -202,15 +202,15 @@ def test_as_typed(argv):
 
 
 def test_each_objective_gets_its_own_preset_and_the_command_line_still_wins():
-    """The CPU preset's lr for SFT and the head is the probes' 1e-3 (train_dpo.OBJECTIVE_PRESETS);
-    DPO and SimPO keep 5e-4, the gpu preset is untouched, and --lr overrides any of them."""
+    """The CPU preset's lr for SFT is the probes' 1e-3 (train_dpo.OBJECTIVE_PRESETS); DPO, SimPO and
+    the head keep 5e-4, the gpu preset is untouched, and --lr overrides any of them."""
     from minilab.options import train_config_from_args
 
     def lr(argv, preset="cpu"):
         args = train_dpo.parse_args(argv)
         return train_config_from_args(args, train_dpo.preset_for(preset, args.objective)).lr
 
-    assert lr(["--objective", "sft"]) == lr(["--objective", "head"]) == 1e-3
-    assert lr([]) == lr(["--loss-type", "simpo"]) == 5e-4
-    assert lr(["--objective", "head"], preset="gpu") == train_dpo.PRESETS["gpu"]["lr"] == 1e-4
-    assert lr(["--objective", "head", "--lr", "3e-4"]) == 3e-4
+    assert lr(["--objective", "sft"]) == 1e-3
+    assert lr([]) == lr(["--loss-type", "simpo"]) == lr(["--objective", "head"]) == 5e-4
+    assert lr(["--objective", "sft"], preset="gpu") == train_dpo.PRESETS["gpu"]["lr"] == 1e-4
+    assert lr(["--objective", "sft", "--lr", "3e-4"]) == 3e-4
