@@ -48,7 +48,7 @@ install-dev: $(VENV)/.installed-dev
 
 DATA_ARG  = $(if $(DATA),--data $(DATA),)$(if $(TASK_FILE), --task-file $(TASK_FILE),)
 RESULTS   = results/$(TASK)
-STEP_DEPS = $(VENV)/.installed $(wildcard minilab/*.py) $(if $(wildcard $(DATA)),$(wildcard $(DATA)/*),)
+STEP_DEPS = $(VENV)/.installed $(wildcard minilab/*.py) $(TASK_FILE) $(if $(wildcard $(DATA)),$(wildcard $(DATA)/*),)
 
 # SEEDS=0,1,2: BERT and the LLaMA once per seed (results/<task>/bert-seed1.json, llama-seed1.json, ...);
 # the report adds their mean ± std beside each seed and says which rows the seeds can tell apart.

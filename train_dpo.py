@@ -80,9 +80,11 @@ OBJECTIVE_PRESETS = {
 }
 
 
-def preset_for(preset: str, objective: str) -> dict:
-    """The preset's settings with the objective's own on top (OBJECTIVE_PRESETS)."""
-    return {**PRESETS[preset], **OBJECTIVE_PRESETS.get((preset, objective), {})}
+def preset_and_config(args) -> tuple[dict, TrainConfig]:
+    """The preset's settings with the objective's own on top (OBJECTIVE_PRESETS), and the training
+    config they make with the command line's options over them."""
+    preset = {**PRESETS[args.preset], **OBJECTIVE_PRESETS.get((args.preset, args.objective), {})}
+    return preset, train_config_from_args(args, preset)
 
 
 def parse_args(argv=None):
@@ -137,7 +139,8 @@ def parse_args(argv=None):
                    help="under torchrun: shard the model across the processes with FSDP2 (see minilab/distributed.py)")
     p.add_argument("--ref-cache", default="runs/ref-cache",
                    help="folder of reference log-probs kept by a hash of model, data, prompt and pairs, so a repeated or resumed run reuses them")
-    add_train_args(p, **PRESETS["cpu"])
+    add_train_args(p, lr_note="".join(f"; --objective {o}: {v['lr']}" for (name, o), v in OBJECTIVE_PRESETS.items()
+                                      if name == "cpu" and "lr" in v), **PRESETS["cpu"])
     args = p.parse_args(argv)
     if args.objective != "dpo" and (args.loss_type != "sigmoid" or args.label_smoothing):
         p.error(f"argument --loss-type/--label-smoothing: apply to --objective dpo only, not {args.objective}")
@@ -304,8 +307,7 @@ def stream_examples(run: Run, model) -> list[str]:
 def setup(args) -> Run:
     """Step 1: the training config (the preset's, then the command line's), the device, the other
     processes under torchrun, the precision, the seed; and the task's three splits."""
-    preset = preset_for(args.preset, args.objective)
-    cfg = train_config_from_args(args, preset)
+    preset, cfg = preset_and_config(args)
     device = pick_device(args.device)
     world = distributed.init(args.dist_timeout, device)  # torchrun: join the other processes (else a no-op)
     if args.fsdp and world.size == 1:  # refuse now, not after the zero-shot evaluation

@@ -76,10 +76,10 @@ def config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
 
 
-def add_train_args(parser, **defaults) -> None:
-    """Training options every script shares; `defaults` are the script's preset values. Every number
-    is checked as it is parsed (`minilab.cli`'s validators): a count is >= 1 unless 0 has a meaning
-    that its help names."""
+def add_train_args(parser, lr_note: str = "", **defaults) -> None:
+    """Training options every script shares; `defaults` are the script's preset values (`lr_note`
+    adds to --lr's help, for a script whose lr differs by mode). Every number is checked as it is
+    parsed (`minilab.cli`'s validators): a count is >= 1 unless 0 has a meaning that its help names."""
     from .cli import fraction, nonneg_float, nonneg_int, positive_float, positive_int, seed_int
 
     d = TrainConfig(**{k: v for k, v in defaults.items() if k in TrainConfig.__dataclass_fields__})
@@ -89,7 +89,7 @@ def add_train_args(parser, **defaults) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=None, help=f"examples per micro-batch (preset: {d.batch_size})")
     parser.add_argument("--grad-accum", type=positive_int, default=None,
                         help=f"micro-batches per optimizer step (preset: {d.grad_accum})")
-    parser.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate (preset: {d.lr})")
+    parser.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate (preset: {d.lr}{lr_note})")
     parser.add_argument("--warmup-ratio", type=fraction, default=None,
                         help=f"share of the steps spent warming up the learning rate, in [0, 1) (preset: {d.warmup_ratio})")
     parser.add_argument("--weight-decay", type=nonneg_float, default=None, help=f"AdamW weight decay, >= 0 (preset: {d.weight_decay})")

@@ -448,12 +448,22 @@ def _config_words(command: str) -> list[str]:
     return out
 
 
+def _same_run(a: Run, b: Run) -> bool:
+    """Whether two runs trained the same way, seed and name apart."""
+    def settings(r: Run) -> dict:
+        return {k: v for k, v in (r.data.get("training") or {}).items() if k != "best_step"}
+    return (_config_words(a.data.get("command")) == _config_words(b.data.get("command"))
+            and settings(a) == settings(b) and a.data.get("world_size") == b.data.get("world_size"))
+
+
 def seed_groups(runs: list[Run]) -> dict[str, list[Run]]:
     """Runs named <method>-seed<k> (`make lab SEEDS=0,1,2`), grouped by method, seeds in order.
 
     A plain run named <method> joins its method's group as the seed it ran with, when no
-    <method>-seed<k> run has that seed and its command line is the seed runs' apart from seed and
-    name: `make llama-sft` then `make llama-sft-seed1 llama-sft-seed2` is three seeds of one method."""
+    <method>-seed<k> run has that seed and it ran what the seed runs ran: the same command line apart
+    from seed and name, the same resolved training settings (a preset may have moved since) and the
+    same number of processes. So `make llama-sft` then `make llama-sft-seed1 llama-sft-seed2` is three
+    seeds of one method."""
     import re
 
     groups: dict[str, list[tuple[int, Run]]] = {}
@@ -463,8 +473,7 @@ def seed_groups(runs: list[Run]) -> dict[str, list[Run]]:
             groups.setdefault(m.group(1), []).append((int(m.group(2)), r))
     for r in runs:
         group, seed = groups.get(r.name), r.data.get("seed")
-        if group and isinstance(seed, int) and seed not in {s for s, _ in group} \
-                and _config_words(r.data.get("command")) == _config_words(group[0][1].data.get("command")):
+        if group and isinstance(seed, int) and seed not in {s for s, _ in group} and _same_run(r, group[0][1]):
             group.append((seed, r))
     return {k: [r for _, r in sorted(v, key=lambda t: t[0])] for k, v in groups.items()}
 

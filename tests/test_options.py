@@ -203,14 +203,14 @@ def test_as_typed(argv):
 
 def test_each_objective_gets_its_own_preset_and_the_command_line_still_wins():
     """The CPU preset's lr for SFT is the probes' 1e-3 (train_dpo.OBJECTIVE_PRESETS); DPO, SimPO and
-    the head keep 5e-4, the gpu preset is untouched, and --lr overrides any of them."""
-    from minilab.options import train_config_from_args
-
-    def lr(argv, preset="cpu"):
-        args = train_dpo.parse_args(argv)
-        return train_config_from_args(args, train_dpo.preset_for(preset, args.objective)).lr
+    the head keep 5e-4, the gpu preset is untouched, and --lr overrides any of them. The config is
+    the one `train_dpo.setup` trains with (`preset_and_config`), and --lr's help names both values."""
+    def lr(argv):
+        return train_dpo.preset_and_config(train_dpo.parse_args(argv))[1].lr
 
     assert lr(["--objective", "sft"]) == 1e-3
     assert lr([]) == lr(["--loss-type", "simpo"]) == lr(["--objective", "head"]) == 5e-4
-    assert lr(["--objective", "sft"], preset="gpu") == train_dpo.PRESETS["gpu"]["lr"] == 1e-4
+    assert lr(["--objective", "sft", "--preset", "gpu"]) == train_dpo.PRESETS["gpu"]["lr"] == 1e-4
     assert lr(["--objective", "sft", "--lr", "3e-4"]) == 3e-4
+    helps = {a.option_strings[0]: a.help or "" for a in _parser("train_dpo.py")._actions if a.option_strings}
+    assert "(preset: 0.0005; --objective sft: 0.001)" in helps["--lr"]

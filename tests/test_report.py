@@ -374,16 +374,17 @@ def test_a_plain_run_is_its_seed_of_the_method_when_its_command_matches():
     """`make llama-sft` (seed 0), then `make llama-sft-seed1 llama-sft-seed2`: three seeds of one
     method. A plain run whose seed a seed run already has, or whose command differs in more than
     seed and name, stays out of the group."""
-    from minilab.report import Run, seed_groups
+    from minilab.report import Run, seed_groups, seeds_section
 
-    def run(name, seed, command):
+    def run(name, seed, command, lr=1e-3, best_step=400, acc=0.8):
         return Run(name, Path(f"{name}.json"), {"seed": seed, "command": command,
-                                                 "fine_tuned": {"accuracy": 0.8, "macro_f1": 0.8, "accuracy_ci95": [0.7, 0.9]}})
+                                                 "training": {"steps": 400, "lr": lr, "best_step": best_step},
+                                                 "fine_tuned": {"accuracy": acc, "macro_f1": acc, "accuracy_ci95": [0.7, 0.9]}})
 
     sft = "python train_dpo.py --task steam --preset cpu --objective sft"
-    runs = [run("llama-sft", 0, sft + " --no-progress"),
+    runs = [run("llama-sft", 0, sft + " --no-progress --resume", best_step=250, acc=0.7),
             run("llama-sft-seed1", 1, sft + " --seed 1 --name llama-sft-seed1"),
-            run("llama-sft-seed2", 2, sft + " --seed 2 --name llama-sft-seed2 --resume"),
+            run("llama-sft-seed2", 2, sft + " --seed 2 --name llama-sft-seed2", acc=0.9),
             run("bert", 0, "python train_bert.py --task steam --preset cpu"),  # bert-seed0 has seed 0 already
             run("bert-seed0", 0, "python train_bert.py --task steam --preset cpu --seed 0 --name bert-seed0"),
             run("bert-seed1", 1, "python train_bert.py --task steam --preset cpu --seed 1 --name bert-seed1"),
@@ -392,6 +393,13 @@ def test_a_plain_run_is_its_seed_of_the_method_when_its_command_matches():
     groups = {k: [r.name for r in v] for k, v in seed_groups(runs).items()}
     assert groups == {"llama-sft": ["llama-sft", "llama-sft-seed1", "llama-sft-seed2"],
                       "bert": ["bert-seed0", "bert-seed1"], "llama-head": ["llama-head-seed1"]}
+    text = "\n".join(seeds_section(runs))
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in text.splitlines()
+                              if line.startswith("| "))}
+    assert rows["llama-sft"][1:4] == ["0, 1, 2", "70.0%, 80.0%, 90.0%", "80.0% ± 10.0"]
+    # The same command line with a preset that moved (lr 5e-4 then, 1e-3 now) is another method.
+    runs[0] = run("llama-sft", 0, sft, lr=5e-4)
+    assert [r.name for r in seed_groups(runs)["llama-sft"]] == ["llama-sft-seed1", "llama-sft-seed2"]
 
 
 def test_each_objective_gets_its_own_loss_name_and_start_line():
