@@ -2,10 +2,12 @@
 
 The CPU preset's 400 steps take 6 to 12 minutes per run, so a full grid is out of reach here.
 A probe is a shorter run of the same script (the same model, LoRA, prompt and batches) and is
-judged on dev only, never on test: the learning rate with the best dev score at the end of a
-short run is the candidate, and the full run then confirms it (README: the objectives' presets).
+judged on dev only, never on test: the learning rate with the best dev score of a short run is
+the candidate, and a full-length run then decides against the preset's (README: "Each objective's
+CPU preset, from probes").
 
-    python bench/probe_presets.py                                  # steam; head and sft, 100 steps
+    python bench/probe_presets.py --objectives sft --lrs 2e-4,5e-4,1e-3     # the README's SFT probes
+    python bench/probe_presets.py --objectives head --lrs 5e-4,1e-3,2e-3    # and the head's
     python bench/probe_presets.py --objectives head --lrs 5e-4,1e-3 --steps 200
 
 Each probe writes under --out (not results/), and the table shows, per objective and lr: the dev
