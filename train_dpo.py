@@ -88,71 +88,96 @@ def preset_and_config(args) -> tuple[dict, TrainConfig]:
 
 
 def parse_args(argv=None):
+    """The command line, in four groups (model and LoRA, objective, data and prompt, outputs), then
+    the checks that span options (which options each objective takes)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_data_args(p)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--model", default=None, help="a checkpoint folder, a Hub id, or a .gguf file (default: the preset's)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
-                   help="dtype of the frozen base weights (auto: bfloat16 under bf16 autocast, else float32); LoRA stays float32")
-    c = PRESETS["cpu"]
-    p.add_argument("--lora-rank", type=positive_int, default=None, help=f"LoRA rank, >= 1 (preset: {c['lora_rank']})")
-    p.add_argument("--lora-alpha", type=positive_float, default=None, help=f"LoRA scale alpha, > 0 (preset: {c['lora_alpha']})")
-    p.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the LoRA input, in [0, 1) (default 0)")
-    p.add_argument("--lora-mlp", action="store_true", help="also adapt the MLP projections")
-    p.add_argument("--beta", type=positive_float, default=None,
-                   help=f"DPO beta, > 0: how far the policy may move from the reference (preset: {c['beta']})")
-    p.add_argument("--objective", choices=["dpo", "sft", "head"], default="dpo",
-                   help="what steps 6 and 7 train: dpo (preference pairs, --loss-type), sft (cross-entropy of the "
-                        "right answer's tokens) or head (a K-way head on the prompt's last token, cross-entropy); "
-                        "the same model, LoRA, prompt and step budget (default dpo)")
-    p.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge", "simpo"], default="sigmoid",
-                   help="sigmoid (DPO), ipo, hinge; simpo: reference-free, no reference pass (beta default 2, see --simpo-gamma)")
-    p.add_argument("--simpo-gamma", type=nonneg_float, default=0.5,
-                   help="SimPO's target margin between the chosen and rejected rewards, >= 0 (default 0.5)")
-    p.add_argument("--label-smoothing", type=_below_half, default=0.0,
-                   help="conservative DPO's label noise, in [0, 0.5), sigmoid and simpo losses only (default 0)")
-    p.add_argument("--rpo-alpha", type=nonneg_float, default=None,
-                   help=f"weight of the chosen answer's NLL added to the DPO loss, >= 0 (0 = pure DPO; preset: {c['rpo_alpha']})")
-    p.add_argument("--all-wrong", action="store_true", help="one pair per wrong label (default for 2 classes; else one sampled)")
-    p.add_argument("--max-text-tokens", type=positive_int, default=None,
-                   help=f"texts are cut to this many tokens (preset: {c['max_text_tokens']})")
-    p.add_argument("--truncate", choices=["head", "tail", "middle"], default=None,
-                   help="which part of a long text the prompt keeps (default: the task's, else head)")
-    p.add_argument("--balance", choices=["oversample", "weight", "none"], default=None,
-                   help="how DPO pairs are balanced across labels: repeat the rarer labels' pairs, weight the loss "
-                        "by inverse label frequency, or neither (preset: oversample)")
-    p.add_argument("--max-pairs", type=positive_int, default=None,
-                   help=f"train on at most this many DPO pairs, sampled across labels (preset: {c['max_pairs']}; gpu preset: all)")
-    p.add_argument("--eval-limit", type=positive_int, default=None,
-                   help=f"dev examples scored at each evaluation (preset: {c['eval_limit']})")
-    p.add_argument("--test-limit", type=positive_int, default=None, help="test examples evaluated (default: all)")
-    p.add_argument("--stream-examples", type=nonneg_int, default=3,
-                   help="test texts whose answers are streamed before/after (0: none; default 3)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=12,
-                   help="tokens generated per answer (streamed and free-generation accuracy; default 12)")
-    p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--out", default="results")
-    p.add_argument("--save-dir", default=None, help="where the adapter goes (default: runs/<task>/llama-adapter)")
-    p.add_argument("--name", default=None,
-                   help="results file and folder names (default: llama for DPO, else llama-sft, llama-simpo, ...)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the model across the processes with FSDP2 (see minilab/distributed.py)")
-    p.add_argument("--ref-cache", default="runs/ref-cache",
-                   help="folder of reference log-probs kept by a hash of model, data, prompt and pairs, so a repeated or resumed run reuses them")
+    _model_args(p.add_argument_group("model and LoRA"))
+    _objective_args(p.add_argument_group("objective and loss"))
+    _prompt_args(p.add_argument_group("pairs, prompt and evaluation"))
+    _output_args(p.add_argument_group("outputs and processes"))
     add_train_args(p, lr_note="".join(f"; --objective {o}: {v['lr']}" for (name, o), v in OBJECTIVE_PRESETS.items()
                                       if name == "cpu" and "lr" in v), **PRESETS["cpu"])
     args = p.parse_args(argv)
+    _check_objective(p, args)
+    if args.name is None:
+        args.name = run_name(args.objective, args.loss_type)
+    return args
+
+
+def _model_args(g) -> None:
+    c = PRESETS["cpu"]
+    g.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    g.add_argument("--model", default=None, help="a checkpoint folder, a Hub id, or a .gguf file (default: the preset's)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="dtype of the frozen base weights (auto: bfloat16 under bf16 autocast, else float32); LoRA stays float32")
+    g.add_argument("--lora-rank", type=positive_int, default=None, help=f"LoRA rank, >= 1 (preset: {c['lora_rank']})")
+    g.add_argument("--lora-alpha", type=positive_float, default=None, help=f"LoRA scale alpha, > 0 (preset: {c['lora_alpha']})")
+    g.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the LoRA input, in [0, 1) (default 0)")
+    g.add_argument("--lora-mlp", action="store_true", help="also adapt the MLP projections")
+
+
+def _objective_args(g) -> None:
+    c = PRESETS["cpu"]
+    g.add_argument("--objective", choices=["dpo", "sft", "head"], default="dpo",
+                   help="what steps 6 and 7 train: dpo (preference pairs, --loss-type), sft (cross-entropy of the "
+                        "right answer's tokens) or head (a K-way head on the prompt's last token, cross-entropy); "
+                        "the same model, LoRA, prompt and step budget (default dpo)")
+    g.add_argument("--loss-type", choices=["sigmoid", "ipo", "hinge", "simpo"], default="sigmoid",
+                   help="sigmoid (DPO), ipo, hinge; simpo: reference-free, no reference pass (beta default 2, see --simpo-gamma)")
+    g.add_argument("--beta", type=positive_float, default=None,
+                   help=f"DPO beta, > 0: how far the policy may move from the reference (preset: {c['beta']})")
+    g.add_argument("--simpo-gamma", type=nonneg_float, default=0.5,
+                   help="SimPO's target margin between the chosen and rejected rewards, >= 0 (default 0.5)")
+    g.add_argument("--label-smoothing", type=_below_half, default=0.0,
+                   help="conservative DPO's label noise, in [0, 0.5), sigmoid and simpo losses only (default 0)")
+    g.add_argument("--rpo-alpha", type=nonneg_float, default=None,
+                   help=f"weight of the chosen answer's NLL added to the DPO loss, >= 0 (0 = pure DPO; preset: {c['rpo_alpha']})")
+
+
+def _prompt_args(g) -> None:
+    c = PRESETS["cpu"]
+    g.add_argument("--all-wrong", action="store_true", help="one pair per wrong label (default for 2 classes; else one sampled)")
+    g.add_argument("--max-text-tokens", type=positive_int, default=None,
+                   help=f"texts are cut to this many tokens (preset: {c['max_text_tokens']})")
+    g.add_argument("--truncate", choices=["head", "tail", "middle"], default=None,
+                   help="which part of a long text the prompt keeps (default: the task's, else head)")
+    g.add_argument("--balance", choices=["oversample", "weight", "none"], default=None,
+                   help="how DPO pairs are balanced across labels: repeat the rarer labels' pairs, weight the loss "
+                        "by inverse label frequency, or neither (preset: oversample)")
+    g.add_argument("--max-pairs", type=positive_int, default=None,
+                   help=f"train on at most this many DPO pairs, sampled across labels (preset: {c['max_pairs']}; gpu preset: all)")
+    g.add_argument("--eval-limit", type=positive_int, default=None,
+                   help=f"dev examples scored at each evaluation (preset: {c['eval_limit']})")
+    g.add_argument("--test-limit", type=positive_int, default=None, help="test examples evaluated (default: all)")
+    g.add_argument("--stream-examples", type=nonneg_int, default=3,
+                   help="test texts whose answers are streamed before/after (0: none; default 3)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=12,
+                   help="tokens generated per answer (streamed and free-generation accuracy; default 12)")
+
+
+def _output_args(g) -> None:
+    g.add_argument("--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--out", default="results")
+    g.add_argument("--save-dir", default=None, help="where the adapter goes (default: runs/<task>/llama-adapter)")
+    g.add_argument("--name", default=None,
+                   help="results file and folder names (default: llama for DPO, else llama-sft, llama-simpo, ...)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model across the processes with FSDP2 (see minilab/distributed.py)")
+    g.add_argument("--ref-cache", default="runs/ref-cache",
+                   help="folder of reference log-probs kept by a hash of model, data, prompt and pairs, so a repeated or resumed run reuses them")
+
+
+def _check_objective(p: argparse.ArgumentParser, args) -> None:
+    """Options that belong to one objective or loss are refused elsewhere, in argparse's own words."""
     if args.objective != "dpo" and (args.loss_type != "sigmoid" or args.label_smoothing):
         p.error(f"argument --loss-type/--label-smoothing: apply to --objective dpo only, not {args.objective}")
     if args.objective != "dpo" and (args.beta is not None or args.rpo_alpha is not None):
         p.error(f"argument --beta/--rpo-alpha: apply to --objective dpo only (its preference losses), not {args.objective}")
     if args.objective == "head" and args.fsdp:
         p.error("argument --fsdp: --objective head runs under torchrun with DDP only (drop --fsdp)")
-    if args.name is None:
-        args.name = run_name(args.objective, args.loss_type)
     if args.label_smoothing and args.loss_type not in ("sigmoid", "simpo"):
         p.error(f"argument --label-smoothing: applies to --loss-type sigmoid and simpo only, not {args.loss_type}")
-    return args
 
 
 def run_name(objective: str, loss_type: str) -> str:
