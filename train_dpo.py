@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from minilab import distributed
-from minilab.caches import kept_json, reference_key, reference_logps_kept
+from minilab.caches import kept_json, reference_key, reference_logps_kept, zero_shot_key
 from minilab.chat import ChatTokenizer
 from minilab.checkpoint import Checkpointer
 from minilab.cli import device_arg, fraction, nonneg_float, nonneg_int, positive_float, positive_int, run_main
@@ -165,7 +165,8 @@ def _output_args(g) -> None:
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model across the processes with FSDP2 (see minilab/distributed.py)")
     g.add_argument("--ref-cache", default="runs/ref-cache",
-                   help="folder of reference log-probs kept by a hash of model, data, prompt and pairs, so a repeated or resumed run reuses them")
+                   help="folder of reference log-probs (and zero-shot scores) kept by a hash of model, data, prompt and pairs, "
+                        "so a repeated or resumed run reuses them")
 
 
 def _check_objective(p: argparse.ArgumentParser, args) -> None:
@@ -279,6 +280,8 @@ class Run:
     zero_shot: dict | None = None
     zero_gen: dict | None = None
     zero_shot_seconds: float = 0.0
+    zero_shot_file: Path | None = None
+    zero_shot_cached: bool = False  # read back from zero_shot_file (a damaged one is noted and evaluated again)
     beta: float = 0.0  # 6. configure_dpo
     rpo_alpha: float = 0.0
     logps_fn: object = None  # (model, batch) -> the answers' log-probs (distributed.answer_logps_for)
@@ -396,14 +399,22 @@ def prepare(run: Run) -> None:
 
 
 def zero_shot(run: Run) -> None:
-    """Step 5: a few answers streamed, then the untrained model's test scores (kept in the
-    checkpoint folder, so that a resumed run does not evaluate it again)."""
+    """Step 5: a few answers streamed, then the untrained model's test scores. Label scoring does not
+    depend on the seed or the objective, so its scores are kept in --ref-cache by a hash of what they
+    depend on (minilab/caches.py), and another run of the task reads them back; a head's, which
+    depend on its random init, are kept in the checkpoint folder for a resumed run only."""
     run.model.eval()
     run.before = stream_examples(run, run.model)
     t_eval = time.time()
-    run.zero_shot, run.zero_gen = kept_json(run.checkpointer.dir / "zero_shot.json",
-                                            lambda: list(evaluate_test(run, run.model)[:2]),
-                                            reuse=run.checkpointer.meta is not None)
+    path, reuse = run.checkpointer.dir / "zero_shot.json", run.checkpointer.meta is not None
+    if run.args.objective != "head":
+        n = run.test_n
+        key = zero_shot_key(run.model_id, run.model, run.amp_dtype, run.prefix, run.prompts["test"][:n],
+                            run.data.test.labels[:n], run.answers, run.fmt.answers, run.args.max_new_tokens, run.device)
+        path, reuse = Path(run.args.ref_cache) / f"{run.data.task}-zero-shot-{key}.json", True
+    (run.zero_shot, run.zero_gen), run.zero_shot_cached = kept_json(
+        path, lambda: list(evaluate_test(run, run.model)[:2]), reuse=reuse)
+    run.zero_shot_file = path
     run.zero_shot_seconds = time.time() - t_eval
 
 
@@ -623,7 +634,8 @@ def main(argv=None) -> int:
     zero_shot(run)
     how = "the untrained head" if args.objective == "head" else "label scoring"
     print(f"      zero-shot on test ({run.test_n}): {how} {fmt_score(run.zero_shot)}, macro-F1 "
-          f"{run.zero_shot['macro_f1']:.3f}{_generation(run.zero_gen)} [{run.zero_shot_seconds:.0f}s]")
+          f"{run.zero_shot['macro_f1']:.3f}{_generation(run.zero_gen)} [{run.zero_shot_seconds:.0f}s"
+          + (f", read from {run.zero_shot_file}]" if run.zero_shot_cached else "]"))
 
     configure_dpo(run)
     print("[6/10] " + _describe_objective(run))

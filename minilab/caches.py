@@ -3,8 +3,12 @@
 * **The reference log-probs** (`reference_logps_kept`): the base model's log-probs of every DPO
   batch, in a safetensors file named by a hash of everything they depend on (`reference_key`), in
   `--ref-cache`. A repeated run with the same model, data, prompt and pairs reads them back.
-* **The zero-shot scores** (`kept_json`): a resumed run reads them from its checkpoint folder
-  instead of evaluating the untrained model again.
+* **The zero-shot scores** (`kept_json`): the untrained model's label scoring and free generation
+  on test. They depend on neither the seed nor the objective's training (a fresh LoRA adds exactly
+  zero), so they are kept in `--ref-cache` too, by a hash of what they do depend on
+  (`zero_shot_key`): the DPO, SFT and SimPO runs of a task, and its seeds, evaluate them once. A head's
+  zero-shot depends on its random head, so it is kept in the run's checkpoint folder only, where a
+  resumed run reads it back.
 
 A damaged or mismatched file is never trusted: it is computed again, with one `note:` line.
 Under torchrun rank 0 reads the reference file and decides, every rank follows, and the work is
@@ -27,18 +31,36 @@ from .files import atomic_write
 from .precision import autocast
 
 
-def reference_key(model_id: str, model, amp_dtype, prefix: list[int], batches: list[dict]) -> str:
-    """A hash of everything the reference log-probs depend on: the base weights (their file or
-    folder, its size and time), their dtype and the autocast dtype, the shared prefix, and every
-    token of every batch (so the data, the prompt format, the pairs and their order all count)."""
+def _base_hash(model_id: str, model, amp_dtype, prefix: list[int]):
+    """A sha256 started with what every kept result depends on: the base weights (their file or
+    folder, its size and time), their dtype, the autocast dtype and the shared prefix."""
     h = hashlib.sha256()
     src = Path(model_id)
     files = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.gguf")) if src.is_dir() else [src]
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
     h.update(repr((model_id, stamp, str(next(model.parameters()).dtype), str(amp_dtype), prefix)).encode())
+    return h
+
+
+def reference_key(model_id: str, model, amp_dtype, prefix: list[int], batches: list[dict]) -> str:
+    """A hash of everything the reference log-probs depend on: the base (`_base_hash`) and every
+    token of every batch (so the data, the prompt format, the pairs and their order all count)."""
+    h = _base_hash(model_id, model, amp_dtype, prefix)
     for b in batches:
         for k in ("prompt_ids", "prompt_mask", "answer_ids", "answer_mask"):
             h.update(b[k].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def zero_shot_key(model_id: str, model, amp_dtype, prefix: list[int], prompts: list[list[int]], labels: list[int],
+                  answers: list[list[int]], answer_words: list[str], max_new_tokens: int, device) -> str:
+    """A hash of everything the zero-shot scores depend on: the base (`_base_hash`), every test
+    prompt's tokens and label, each label's answer (its tokens, and its words, which free generation
+    is matched against), how many tokens are generated, and where the math runs (the device type and
+    the CPU threads: kernels round differently)."""
+    h = _base_hash(model_id, model, amp_dtype, prefix)
+    h.update(repr((prompts, list(labels), answers, list(answer_words), max_new_tokens, torch.device(device).type,
+                   torch.get_num_threads())).encode())
     return h.hexdigest()[:16]
 
 
@@ -117,12 +139,15 @@ def read_kept_json(path: Path):
 
 
 def kept_json(path: Path, compute, reuse: bool):
-    """`compute()`'s result (JSON values), kept in `path` by rank 0; with `reuse` (a resumed run)
-    the one kept there is read back instead, when there is one."""
-    kept = read_kept_json(path) if reuse else None
+    """(`compute()`'s result (JSON values), False), kept in `path` by rank 0; with `reuse` the one
+    kept there is read back instead, when there is one: (it, True). Under torchrun rank 0 reads the
+    file and every rank takes what it read, so that all of them compute, or none."""
+    world = distributed.world()
+    kept = read_kept_json(path) if reuse and world.is_main else None
+    kept = distributed.broadcast_object(kept, "agreeing on the kept scores")
     if kept is not None:
-        return kept
+        return kept, True
     value = compute()
-    if distributed.world().is_main:
+    if world.is_main:
         atomic_write(path, json.dumps(value))
-    return value
+    return value, False

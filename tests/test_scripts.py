@@ -84,7 +84,7 @@ def test_train_dpo_simpo_runs_without_a_reference_pass(tmp_path, tiny_steam, tin
                "--checkpoint-dir", str(tmp_path / "ck"), "--ref-cache", str(tmp_path / "ref")])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "SimPO (reference-free, no reference pass): beta 2.0, gamma 0.5" in res.stdout
-    assert not (tmp_path / "ref").exists()
+    assert not list((tmp_path / "ref").glob("*.safetensors"))  # no reference log-probs (only the zero-shot scores)
     r = json.loads((tmp_path / "steam" / "llama-simpo.json").read_text())  # its own name: DPO's llama.json stays
     assert r["training"]["loss_type"] == "simpo" and r["training"]["simpo_gamma"] == 0.5 and r["training"]["beta"] == 2.0
     log = [json.loads(line) for line in (tmp_path / "steam" / "llama-simpo_metrics.jsonl").read_text().splitlines()]
@@ -103,7 +103,8 @@ def test_train_dpo_sft_objective(tmp_path, tiny_steam, tiny_llama):
                "--max-new-tokens", "3", "--objective", "sft", "--stream-examples", "0", "--out", str(tmp_path),
                "--no-progress", "--ref-cache", str(tmp_path / "ref")], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "[6/10] SFT: cross-entropy" in res.stdout and not (tmp_path / "ref").exists()
+    assert "[6/10] SFT: cross-entropy" in res.stdout
+    assert not list((tmp_path / "ref").glob("*.safetensors"))  # no reference log-probs (only the zero-shot scores)
     r = json.loads((tmp_path / "steam" / "llama-sft.json").read_text())
     assert r["training"]["objective"] == "sft" and r["training"]["steps"] == 4
     assert (tmp_path / "runs" / "steam" / "llama-sft-adapter" / "adapter_model.safetensors").is_file()
@@ -208,3 +209,34 @@ def test_train_dpo_head_objective(tmp_path, tiny_steam, tiny_llama):
     assert load_file(str(adapter / "adapter_model.safetensors"))["base_model.model.score.weight"].shape[0] == 2
     bad = run([str(REPO / "train_dpo.py"), "--data", str(tiny_steam), "--objective", "head", "--fsdp"], cwd=tmp_path)
     assert bad.returncode == 2 and "DDP only" in bad.stderr
+
+
+def test_zero_shot_scores_are_evaluated_once_per_task_and_prompt_across_seeds_and_objectives(tmp_path, tiny_steam,
+                                                                                             tiny_llama):
+    """Label scoring of the untrained model depends on neither the seed nor the objective (a fresh
+    LoRA adds exactly zero), so --ref-cache keeps it: a DPO run with another seed reads what an SFT
+    run evaluated, and gets what it would have computed itself; another --max-new-tokens is another
+    key, evaluated again."""
+    def go(name, cache, *extra):
+        res = run(["train_dpo.py", "--data", str(tiny_steam), "--model", str(tiny_llama), "--max-pairs", "8",
+                   "--batch-size", "4", "--max-steps", "1", "--test-limit", "8", "--eval-limit", "4",
+                   "--stream-examples", "0", "--max-new-tokens", "3", "--out", str(tmp_path / "results"),
+                   "--name", name, "--save-dir", str(tmp_path / name), "--checkpoint-dir", str(tmp_path / f"ck-{name}"),
+                   "--ref-cache", str(tmp_path / cache), "--no-progress", *extra])
+        assert res.returncode == 0, res.stderr[-3000:]
+        r = json.loads((tmp_path / "results" / "steam" / f"{name}.json").read_text())
+        line = next(x for x in res.stdout.splitlines() if "zero-shot on test" in x)
+        return (r["zero_shot"], r["generation_accuracy"]["zero_shot"]), line
+
+    def kept(cache):
+        return sorted(p.name for p in (tmp_path / cache).glob("steam-zero-shot-*.json"))
+
+    sft, line = go("sft", "ref", "--objective", "sft", "--seed", "0")
+    assert "read from" not in line and len(kept("ref")) == 1
+    dpo, line = go("dpo", "ref", "--seed", "1")
+    assert f"read from {tmp_path / 'ref' / kept('ref')[0]}" in line
+    assert dpo == sft
+    fresh, line = go("fresh", "ref-fresh", "--seed", "1")  # the same run with nothing kept: computes it
+    assert "read from" not in line and fresh == dpo and kept("ref-fresh") == kept("ref")
+    _, line = go("shorter", "ref", "--max-new-tokens", "2")
+    assert "read from" not in line and len(kept("ref")) == 2
