@@ -445,20 +445,7 @@ def load_task(
         data = default_data(spec)
     text_col, label_col = spec.text_col, spec.label_col
 
-    notes: list[str] = []
-    kind, where = locate_data(data, typed=typed)
-    if kind == "folder":
-        root = Path(where)
-        by_split = find_split_files([p.name for p in root.iterdir() if p.is_file()])
-        if "train" not in by_split:
-            raise DataError(
-                f"{root} has no train file: expected train{{{','.join(EXTENSIONS)}}} (plus dev/validation and test)"
-            )
-        check_split_files(by_split, str(root))
-    else:
-        root, by_split, hub_notes = _hub_split_files(where, spec.hub_config)
-        notes += hub_notes
-
+    root, by_split, where, notes = _split_files(data, spec, typed)
     splits, label_text, rows_at = {}, {}, {}
     for split in ("train", "dev", "test"):
         if split in by_split:
@@ -473,6 +460,34 @@ def load_task(
     train_labels = splits["train"][1]
     label_names, to_id = map_labels(train_labels, spec.label_names, label_text, where=f"train split of {data}",
                                     absent=spec.absent_labels, rows_at=rows_at["train"])
+    _check_labels_seen(splits, to_id, rows_at, data)
+    result = {s: Split(t, [to_id[y] for y in l]) for s, (t, l) in splits.items()}
+    notes += _label_notes(spec, label_names, to_id, result["train"].labels)
+    spec = spec.with_overrides(label_names=tuple(label_names))
+
+    if "dev" not in result:
+        notes.append(_carve_dev(result, seed, dev_fraction, data))
+    return TaskData(task=task, source=str(data), label_names=label_names, spec=spec, notes=notes, **result)
+
+
+def _split_files(data: str, spec: TaskSpec, typed: bool) -> tuple[Path, dict, str, list[str]]:
+    """(root folder, split name -> its files, where the data was found, notes) for a local folder or
+    a Hub dataset id (downloaded)."""
+    kind, where = locate_data(data, typed=typed)
+    if kind != "folder":
+        root, by_split, notes = _hub_split_files(where, spec.hub_config)
+        return root, by_split, where, notes
+    root = Path(where)
+    by_split = find_split_files([p.name for p in root.iterdir() if p.is_file()])
+    if "train" not in by_split:
+        raise DataError(f"{root} has no train file: expected train{{{','.join(EXTENSIONS)}}} (plus dev/validation and test)")
+    check_split_files(by_split, str(root))
+    return root, by_split, where, []
+
+
+def _check_labels_seen(splits: dict, to_id: dict, rows_at: dict, data) -> None:
+    """A dev or test label that train never shows is an error that names its first row."""
+    train_labels = splits["train"][1]
     for split, (texts, labels) in splits.items():
         unseen = sorted({str(y) for y in labels if y not in to_id})
         if unseen:
@@ -481,13 +496,6 @@ def load_task(
                 f"{split} split of {data} has label(s) {', '.join(unseen)} never seen in train (the first at {first}; "
                 f"train labels: {', '.join(sorted(map(str, set(train_labels))))}); fix the labels or the split"
             )
-    result = {s: Split(t, [to_id[y] for y in l]) for s, (t, l) in splits.items()}
-    notes += _label_notes(spec, label_names, to_id, result["train"].labels)
-    spec = spec.with_overrides(label_names=tuple(label_names))
-
-    if "dev" not in result:
-        notes.append(_carve_dev(result, seed, dev_fraction, data))
-    return TaskData(task=task, source=str(data), label_names=label_names, spec=spec, notes=notes, **result)
 
 
 def add_data_args(parser) -> None:
