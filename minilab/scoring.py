@@ -26,9 +26,38 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 if TYPE_CHECKING:
     from minilab.llama import KVCache
+
+
+# A frozen head's fp32 copy, kept between calls: {weight: (its version, device, data pointer, fp32 copy)}.
+_FP32_COPIES = WeakIdKeyDictionary()  # by identity: a tensor's `==` is elementwise
+
+
+def fp32_weight(w: torch.Tensor) -> torch.Tensor:
+    """w in float32, cast once for a frozen weight rather than at every call.
+
+    The output head of a bf16 model is the biggest matrix in it (SmolLM2: 49152 x 576, tied to
+    the embedding), and scoring upcasts it for every batch: a 28M-element copy that cost about
+    a tenth of a DPO step's casts. A weight that does not train never changes, so its copy is
+    kept and reused while the tensor's version counter (bumped by any in-place write, e.g.
+    `LoRALinear.merge` or `load_state_dict`), device and storage are the ones it was made from.
+    A trainable weight is cast afresh (its gradient must flow through the cast). Exact: the
+    same cast, made fewer times. Training holds the copy anyway (autograd saves it for the
+    backward matmul), so the cache does not raise the peak.
+    """
+    if w.dtype == torch.float32:
+        return w
+    if w.requires_grad or type(w) not in (torch.Tensor, nn.Parameter):  # (a DTensor under FSDP: no cache)
+        return w.float()
+    key = (w._version, w.device, w.data_ptr(), tuple(w.shape))
+    kept = _FP32_COPIES.get(w)
+    if kept is None or kept[0] != key:
+        kept = (key, w.detach().float())
+        _FP32_COPIES[w] = kept
+    return kept[1]
 
 
 def _head_logps(model: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -38,7 +67,7 @@ def _head_logps(model: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> tor
     with torch.autocast(device_type=h.device.type, enabled=False):
         if isinstance(head, nn.Linear):
             bias = None if head.bias is None else head.bias.float()
-            logits = F.linear(h.float(), head.weight.float(), bias)  # (N, V) fp32
+            logits = F.linear(h.float(), fp32_weight(head.weight), bias)  # (N, V) fp32
         else:  # e.g. a LoRALinear head: run it in its own dtype, then upcast
             logits = head(h).float()
     logp = torch.log_softmax(logits, dim=-1)  # (N, V)

@@ -7,7 +7,7 @@ import torch
 
 from minilab.dpo import dpo_loss, reference_logps, split_pairs
 from minilab.lora import apply_lora, disable_adapters, lora_layers
-from minilab.scoring import answer_logps, answer_logps_separate
+from minilab.scoring import answer_logps, answer_logps_separate, fp32_weight
 
 # Two preference pairs (summed log-probs), beta = 0.1 unless a test says otherwise.
 #   pair 1: policy chosen -1, rejected -3; reference -2, -2
@@ -196,6 +196,28 @@ def test_bf16_model_scores_in_fp32():
         ref = answer_logps(_tiny_llama(), *_args(b))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, rtol=0, atol=0.2)  # bf16 body, fp32 head: close, not equal
+
+
+def test_frozen_bf16_head_is_upcast_once_and_recast_after_any_change():
+    """The fp32 copy of a frozen head is reused between calls (it is the same cast) and made
+    again whenever the weight changes in place, so a merge or a reload never scores on a stale
+    copy; a trainable head is never cached (its gradient flows through the cast)."""
+    model = _tiny_llama(dtype=torch.bfloat16).requires_grad_(False)
+    b = _batch([4, 2], [2, 3, 1, 1])
+    w = model.lm_head.weight
+    first = fp32_weight(w)
+    assert first.dtype == torch.float32 and torch.equal(first, w.float())
+    assert fp32_weight(w) is first  # kept, not recast
+    with torch.no_grad():
+        before = answer_logps(model, *_args(b))
+        assert torch.equal(answer_logps(model, *_args(b)), before)  # the cached cast scores exactly as the first
+        w.mul_(2.0)  # an in-place change: the copy must follow it
+        assert torch.equal(fp32_weight(w), w.float()) and fp32_weight(w) is not first
+        after = answer_logps(model, *_args(b))
+        w.div_(2.0)
+    assert (after - before).abs().max() > 1e-2  # the doubled head really scored
+    model.lm_head.weight.requires_grad_(True)
+    assert fp32_weight(model.lm_head.weight).grad_fn is not None  # trainable: a fresh cast in the graph
 
 
 def test_head_runs_in_fp32_on_a_bf16_model_even_under_autocast():
