@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from minilab.llama import KVCache
 
 
-# A frozen head's fp32 copy, kept between calls: {weight: (its version, device, data pointer, fp32 copy)}.
+# A frozen head's fp32 copy, kept between calls: {weight: ((version, device, data pointer, shape), fp32 copy)}.
 _FP32_COPIES = WeakIdKeyDictionary()  # by identity: a tensor's `==` is elementwise
 
 
@@ -40,13 +40,14 @@ def fp32_weight(w: torch.Tensor) -> torch.Tensor:
     """w in float32, cast once for a frozen weight rather than at every call.
 
     The output head of a bf16 model is the biggest matrix in it (SmolLM2: 49152 x 576, tied to
-    the embedding), and scoring upcasts it for every batch: a 28M-element copy that cost about
-    a tenth of a DPO step's casts. A weight that does not train never changes, so its copy is
-    kept and reused while the tensor's version counter (bumped by any in-place write, e.g.
-    `LoRALinear.merge` or `load_state_dict`), device and storage are the ones it was made from.
-    A trainable weight is cast afresh (its gradient must flow through the cast). Exact: the
-    same cast, made fewer times. Training holds the copy anyway (autograd saves it for the
-    backward matmul), so the cache does not raise the peak.
+    the embedding), and scoring upcasts it for every batch: a 28M-element copy, 46 of the 124 ms
+    that the head's forward and backward took for 48 answer tokens on a 2-core CPU. A weight that
+    does not train never changes, so its copy is kept and reused while the tensor's version
+    counter (bumped by any in-place write, e.g. `LoRALinear.merge` or `load_state_dict`), device
+    and storage are the ones it was made from. A trainable weight is cast afresh (its gradient
+    must flow through the cast). Exact: the same cast, made fewer times. Every call held the copy
+    anyway (training keeps it for the backward matmul), so the peak memory is unchanged; between
+    calls it now stays (113 MB for SmolLM2).
     """
     if w.dtype == torch.float32:
         return w
