@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from minilab.bert import BertConfig, BertForSequenceClassification, BertModel  # noqa: E402
 from minilab.bert import BertSelfAttention  # noqa: E402
-from minilab.bert_fast import BufferedEmbedding, Dropout, PackedBertModel, speed_up  # noqa: E402
+from minilab.bert_fast import BufferedEmbedding, Dropout, PackedBertModel, drop_mask, speed_up  # noqa: E402
 from minilab.bert_tokenizer import load_bert_tokenizer  # noqa: E402
 from minilab.weights import load_bert_classifier, load_bert_weights, save_bert_classifier  # noqa: E402
 from minilab.hub import package_dir  # noqa: E402
@@ -242,6 +242,42 @@ def test_dropout_keeps_one_minus_p_and_scales():
     y.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / 0.9)  # the forward's mask, scaled
     assert drop.eval()(x) is x
+
+
+def test_dropout_mask_uses_all_sixteen_bits_of_every_word():
+    """drop_mask cuts each 64-bit draw into four 16-bit words, one per element: each of the four
+    positions must be dropped with probability round(p * 65536) / 65536, and the words must be
+    drawn over all 64 bits (int64 `random_()` without a range never sets the top bit: every fourth
+    word would then read as >= 32768 of 65536, and at p = 0.6 be dropped with probability 0.2, not 0.6)."""
+    torch.manual_seed(0)
+    drop = drop_mask(torch.Size([400_000]), 0.6, torch.device("cpu"))
+    assert drop.shape == (400_000,) and drop.dtype == torch.bool
+    want = round(0.6 * 65536) / 65536  # 0.60001
+    for j in range(4):  # 100k draws at each position: std 0.0015, allow 5 sigma
+        assert abs(drop[j::4].float().mean().item() - want) < 0.0078, j
+    # odd sizes and shapes: the last word's unused elements are cut off
+    assert drop_mask(torch.Size([3, 5, 7]), 0.1, torch.device("cpu")).shape == (3, 5, 7)
+    torch.manual_seed(1)
+    a = drop_mask(torch.Size([1000]), 0.1, torch.device("cpu"))
+    torch.manual_seed(1)
+    assert torch.equal(a, drop_mask(torch.Size([1000]), 0.1, torch.device("cpu")))  # seeded: repeatable
+
+
+def test_dropout_gives_the_values_of_multiplying_by_the_mask():
+    """masked_fill then the fp32 scale: bitwise the x * keep * (1 / (1 - p)) it replaces, forward
+    and backward, in bf16 and fp32."""
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        x = torch.randn(64, 33, dtype=dtype, requires_grad=True)
+        g = torch.randn(64, 33, dtype=dtype)
+        torch.manual_seed(5)
+        y = Dropout(0.1).train()(x)
+        y.backward(g)
+        torch.manual_seed(5)
+        keep = ~drop_mask(x.shape, 0.1, x.device)
+        assert torch.equal(y, x.detach().mul(keep).mul_(1 / 0.9))
+        assert torch.equal(x.grad, g.mul(keep).mul_(1 / 0.9))
+        assert 0 < (y == 0).sum() < x.numel()
 
 
 def test_dropout_scale_is_exact_in_bf16():
