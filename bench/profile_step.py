@@ -73,7 +73,7 @@ _ELEMENTWISE = re.compile(
     r"^(layer_norm|native_layer_norm|native_layer_norm_backward|rms_norm|_fused_rms_norm|_fused_rms_norm_backward|"
     r"group_norm|batch_norm|add|add_|sub|sub_|rsub|mul|mul_|div|div_|neg|pow|rsqrt|sqrt|exp|log|log1p|tanh|"
     r"tanh_backward|sigmoid|sigmoid_backward|silu|silu_|silu_backward|gelu|gelu_backward|relu|threshold_backward|"
-    r"dropout|native_dropout|native_dropout_backward|bernoulli_|uniform_|rand|rand_like|normal_|masked_fill|masked_fill_|where|clamp|clamp_|"
+    r"dropout|native_dropout|native_dropout_backward|bernoulli_|uniform_|random_|rand|rand_like|normal_|masked_fill|masked_fill_|where|clamp|clamp_|"
     r"clamp_min|mean|sum|norm|linalg_vector_norm|log_softmax|_log_softmax|_log_softmax_backward_data|nll_loss|"
     r"nll_loss_forward|nll_loss_backward|nll_loss_nd|cross_entropy_loss|logsigmoid|log_sigmoid_forward|"
     r"log_sigmoid_backward|softplus|cos|sin|square|abs|sign|maximum|minimum|max|min|amax|eq|ne|gt|lt|ge|le|"

@@ -11,7 +11,9 @@ and native dropout are the fast path. `bench/bench_bert.py --tricks` times each 
    longest sentence, and a third to a half of a batch is often padding. Everything in BERT except
    attention works token by token, so the real tokens are gathered into one packed (N, H) matrix
    and only attention sees the (B, T) layout. Padding never influences real tokens (it is masked
-   as a key), so the real rows get the same math; only float rounding differs.
+   as a key), so the real rows get the same math; only float rounding differs. N is rounded up to
+   a multiple of 32 with a few padding rows, so that the matmul shapes repeat from batch to batch
+   (a new shape costs the CPU's matmul library a new kernel: `Packing` says how much).
 2. **A [CLS]-only last layer.** The classifier reads the last layer's [CLS] vector only. Its
    keys and values still need every token, but its query, output projection, LayerNorms and FFN
    run on the B [CLS] rows alone.
@@ -19,9 +21,9 @@ and native dropout are the fast path. `bench/bench_bert.py --tricks` times each 
    has no fused kernel and falls back to a generic path that copies q, k and v to fp32 in every
    layer; two matmuls in autocast's dtype with an fp32 softmax and a mask bias built once per
    batch are faster. Evaluation keeps the fused kernel (no dropout).
-4. **A faster dropout** (`Dropout`): nn.Dropout's distribution, with the mask drawn from 16
-   random bits per element (`drop_mask`) rather than with `bernoulli_` or a float `rand`, which
-   cost 2.6-4x more on the CPU. The mask is kept as booleans and applied with `masked_fill` (no
+4. **A faster dropout** (`Dropout`): nn.Dropout's distribution (p to within 1/131072), with the
+   mask drawn from 16 random bits per element (`drop_mask`) rather than with a float `rand` or
+   `bernoulli_`, which cost 2.2-2.9x and about 4x as much on the CPU. The mask is kept as booleans and applied with `masked_fill` (no
    float copy of it), and the 1/(1-p) scale is applied in fp32 (not rounded to the activation dtype).
 5. **A reused word-embedding gradient** (`BufferedEmbedding`). The gradient of a 30522 x 384
    embedding is a dense 47 MB tensor of which a batch touches a few hundred rows; `nn.Embedding`
@@ -54,14 +56,21 @@ def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     bits per call, and a float draw spends one call (24 of its bits) per element, then a compare
     in fp32. Dropout needs far less resolution than that. Here each 64-bit integer draw (two calls)
     is cut into four 16-bit words, one per element: half the generator calls, and the compare runs
-    on int16. 614k elements (one attention dropout of a BERT step): 1.1-1.3 ms instead of 2.9-3.2.
-    The range is the full 64 bits (`random_()` without one stops at 2^63 - 1, which would leave
-    every fourth word's top bit at 0). An element is dropped when its word, read as a number in
-    [0, 65536), is below round(p * 65536): probability 6554/65536 = 0.1000061 for p = 0.1.
+    on int16. 614k elements (one attention dropout of a BERT step): 1.1-1.3 ms instead of 2.9-3.2
+    (`bernoulli_`: 4.6). The draw spans [-2^63, 2^63 - 1), 2^64 - 1 values, so every bit of every
+    word is random (to a bias of 2^-64); `random_()` without a range stops at 2^63 - 1, which would
+    leave every fourth word's top bit at 0. An element is dropped when its word, read as a number
+    in [0, 65536), is below round(p * 65536): probability 6554/65536 = 0.1000061 for p = 0.1. Where
+    that grid is more than 0.1% away from p (possible only for p below 0.0077; p = 1e-6 would round
+    to 0), or p is so close to 1 that it rounds to 65536 (which no int16 word is below), the mask
+    is drawn the float way instead.
     """
+    levels = round(p * 65536)
+    if levels >= 65536 or abs(levels / 65536 - p) > 1e-3 * p:
+        return torch.rand(shape, device=device) < p
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-    threshold = round(p * 65536) - 32768  # the int16 word w stands for w + 32768 in [0, 65536)
+    threshold = levels - 32768  # the int16 word w stands for w + 32768 in [0, 65536)
     return (words.view(torch.int16)[:n] < threshold).view(shape)
 
 
@@ -69,8 +78,9 @@ def _drop_and_scale(x: torch.Tensor, drop: torch.Tensor, scale: float) -> torch.
     """x with the `drop` elements zeroed, times `scale`: the values of x.mul(keep).mul_(scale), but
     without first turning the bool mask into a float tensor the size of x (that conversion was a
     2 ms copy per attention dropout of a BERT step). A Python-float scale is applied in fp32, even
-    to bf16 x, so each kept value is rounded once. (A dropped element is +0.0 here, where x * 0
-    keeps the sign of x; no later result differs by it.)"""
+    to bf16 x, so each kept value is rounded once. A dropped element is +0.0 here, where x * 0 keeps
+    the sign of x, and where x * 0 turns an inf or NaN into NaN (so does nn.Dropout) this gives 0:
+    for finite inputs a later result can differ only in the sign of a zero."""
     return x.masked_fill(drop, 0.0).mul_(scale)
 
 
@@ -209,19 +219,38 @@ class BufferedEmbedding(nn.Module):
 # 1. Packing: where the real tokens of a padded batch are
 
 
+ROW_MULTIPLE = 32  # packed rows are rounded up to a multiple of this (see Packing)
+
+
 class Packing:
     """Maps between a padded (B, T, ...) batch and the packed (N, ...) rows that we compute.
 
     `rows` are the flat indices (into B*T) of the rows we compute: every real token, plus
     position 0 of each sequence (the [CLS] token the pooler reads, even in the odd batch whose
-    first position is padding). With no padding `rows` is None and packing is a free reshape.
+    first position is padding), plus `fillers`: padding positions that round N up to a multiple
+    of `row_multiple`. With no padding `rows` is None and packing is a free reshape.
+
+    Why fillers: the CPU's matmul library (oneDNN) builds a kernel for each new matrix shape and
+    keeps it. A padded batch's shapes repeat (T takes a few dozen values), but N, the number of
+    real tokens, is new in almost every batch, and a new shape is dear: a 384 -> 1536 linear's
+    forward and backward at M ~ 700 took 10.0 ms at unseen sizes against 5.6 ms at seen ones.
+    Rounded up to a multiple of 32, N repeats as the padded shapes do, for at most 31 rows of
+    extra work (a BERT training run on sst2: 1.19-1.21x the examples/s). A filler is a padding
+    position, so attention masks it as a key like any padding; its own output is never read.
     """
 
-    def __init__(self, attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device):
+    def __init__(self, attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device,
+                 row_multiple: int | None = None):
         self.B, self.T = B, T
+        row_multiple = row_multiple or ROW_MULTIPLE
+        self.fillers = None
         if attention_mask is not None and not bool(attention_mask.all()):
             keep = attention_mask.bool().clone()
             keep[:, 0] = True
+            missing = -int(keep.sum()) % row_multiple
+            if missing:  # padding positions, as many as there are, up to the multiple
+                self.fillers = (~keep).flatten().nonzero().squeeze(1)[:missing]  # (F,) flat indices
+                keep.view(-1)[self.fillers] = True
             self.rows = keep.flatten().nonzero().squeeze(1)  # (N,)
             self.mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = may attend
             self.positions = self.rows % T  # (N,) absolute position of each packed row
@@ -244,10 +273,13 @@ class Packing:
         x = x.flatten(0, 1)
         return x if self.rows is None else x.index_select(0, self.rows)
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (B, T, D), zeros at the padding rows we did not compute."""
+    def unpack(self, x: torch.Tensor, zero_fillers: bool = False) -> torch.Tensor:
+        """(N, D) -> (B, T, D), zeros at the padding rows we did not compute (and at the fillers,
+        if asked: their values are junk that attention masks anyway)."""
         if self.rows is not None:
             x = x.new_zeros(self.B * self.T, x.shape[-1]).index_copy(0, self.rows, x)
+            if zero_fillers and self.fillers is not None:
+                x = x.index_fill(0, self.fillers, 0.0)
         return x.view(self.B, self.T, x.shape[-1])
 
 
@@ -309,7 +341,7 @@ class PackedBertModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         """-> (last_hidden (B, T, H), zeros at padding; pooled (B, H))"""
         x, packing = self.encode(input_ids, attention_mask, token_type_ids)
-        last_hidden = packing.unpack(x)
+        last_hidden = packing.unpack(x, zero_fillers=True)
         return last_hidden, self.pool(last_hidden[:, 0])
 
     def pooled(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from minilab.bert import BertConfig, BertForSequenceClassification, BertModel  # noqa: E402
 from minilab.bert import BertSelfAttention  # noqa: E402
 from minilab.bert_fast import BufferedEmbedding, Dropout, PackedBertModel, drop_mask, speed_up  # noqa: E402
+from minilab import bert_fast  # noqa: E402
 from minilab.bert_tokenizer import load_bert_tokenizer  # noqa: E402
 from minilab.weights import load_bert_classifier, load_bert_weights, save_bert_classifier  # noqa: E402
 from minilab.hub import package_dir  # noqa: E402
@@ -244,7 +245,7 @@ def test_dropout_keeps_one_minus_p_and_scales():
     assert drop.eval()(x) is x
 
 
-def test_dropout_mask_uses_all_sixteen_bits_of_every_word():
+def test_dropout_mask_uses_every_word_of_a_draw_and_the_float_way_where_the_grid_is_off():
     """drop_mask cuts each 64-bit draw into four 16-bit words, one per element: each of the four
     positions must be dropped with probability round(p * 65536) / 65536, and the words must be
     drawn over all 64 bits (int64 `random_()` without a range never sets the top bit: every fourth
@@ -257,6 +258,12 @@ def test_dropout_mask_uses_all_sixteen_bits_of_every_word():
         assert abs(drop[j::4].float().mean().item() - want) < 0.0078, j
     # odd sizes and shapes: the last word's unused elements are cut off
     assert drop_mask(torch.Size([3, 5, 7]), 0.1, torch.device("cpu")).shape == (3, 5, 7)
+    # a p the 16-bit grid cannot hold (5e-6 would round to 0 of 65536) is drawn the float way:
+    # 20 drops expected in 4M elements, none with probability e^-20
+    assert 0 < drop_mask(torch.Size([4_000_000]), 5e-6, torch.device("cpu")).sum() < 60
+    # so is a p that rounds to 65536 of 65536, which no word is below: it must drop nearly all
+    torch.manual_seed(0)
+    assert drop_mask(torch.Size([1000]), 1 - 2**-18, torch.device("cpu")).sum() > 990
     torch.manual_seed(1)
     a = drop_mask(torch.Size([1000]), 0.1, torch.device("cpu"))
     torch.manual_seed(1)
@@ -264,8 +271,8 @@ def test_dropout_mask_uses_all_sixteen_bits_of_every_word():
 
 
 def test_dropout_gives_the_values_of_multiplying_by_the_mask():
-    """masked_fill then the fp32 scale: bitwise the x * keep * (1 / (1 - p)) it replaces, forward
-    and backward, in bf16 and fp32."""
+    """masked_fill then the fp32 scale: value by value the x * keep * (1 / (1 - p)) it replaces
+    (torch.equal: a dropped -0.0 there is +0.0 here), forward and backward, in bf16 and fp32."""
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         x = torch.randn(64, 33, dtype=dtype, requires_grad=True)
@@ -278,6 +285,31 @@ def test_dropout_gives_the_values_of_multiplying_by_the_mask():
         assert torch.equal(y, x.detach().mul(keep).mul_(1 / 0.9))
         assert torch.equal(x.grad, g.mul(keep).mul_(1 / 0.9))
         assert 0 < (y == 0).sum() < x.numel()
+
+
+def test_packed_rows_are_rounded_up_with_padding_rows_that_change_no_real_result(tiny_clf, monkeypatch):
+    """Packing rounds N up to a multiple of `row_multiple` with padding positions (fillers). They
+    are masked as keys, so every real token's state is what it is without them, and the hidden
+    states handed out are zero at every padding position, fillers included."""
+    hf, folder = tiny_clf
+    ours, _ = load_ours(folder, True, num_labels=3)
+    ids, mask, tt = tiny_batch()  # 3 x 9, 18 real tokens
+    B, T = ids.shape
+    for multiple in (1, 4, 8, 64):
+        p = bert_fast.Packing(mask, B, T, ids.device, row_multiple=multiple)
+        real = int(mask.sum())
+        assert len(p.rows) == min(B * T, -(-real // multiple) * multiple), multiple
+        assert set(mask.flatten().nonzero().squeeze(1).tolist()) <= set(p.rows.tolist())
+        assert p.fillers is None or not mask.flatten()[p.fillers].any()  # fillers are padding
+    outs = {}
+    for multiple in (1, 8):
+        monkeypatch.setattr(bert_fast, "ROW_MULTIPLE", multiple)
+        with torch.no_grad():
+            outs[multiple] = ours.bert(ids, mask, tt)
+    torch.testing.assert_close(outs[8][0], outs[1][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(outs[8][1], outs[1][1], atol=1e-6, rtol=0)
+    assert outs[8][0][~mask.bool()].abs().max() == 0
+    assert_encoder_matches(ours.bert, hf.bert, ids, mask, tt)
 
 
 def test_dropout_scale_is_exact_in_bf16():
