@@ -23,8 +23,9 @@ and native dropout are the fast path. `bench/bench_bert.py --tricks` times each 
    batch are faster. Evaluation keeps the fused kernel (no dropout).
 4. **A faster dropout** (`Dropout`): nn.Dropout's distribution (p to within 1/131072), with the
    mask drawn from 16 random bits per element (`drop_mask`) rather than with a float `rand` or
-   `bernoulli_`, which cost 2.2-2.9x and about 4x as much on the CPU. The mask is kept as booleans and applied with `masked_fill` (no
-   float copy of it), and the 1/(1-p) scale is applied in fp32 (not rounded to the activation dtype).
+   `bernoulli_`, which cost 2.2-2.9x and about 4x as much on the CPU. The mask is kept as
+   booleans and applied with `masked_fill` (no float copy of it), and the 1/(1-p) scale is applied
+   in fp32 (not rounded to the activation dtype).
 5. **A reused word-embedding gradient** (`BufferedEmbedding`). The gradient of a 30522 x 384
    embedding is a dense 47 MB tensor of which a batch touches a few hundred rows; `nn.Embedding`
    allocates and zero-fills a fresh one in every backward (fresh pages from the OS, zeroed
