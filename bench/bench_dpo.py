@@ -33,6 +33,10 @@ runs in its own subprocess; the peak RSS column is that process's high-water mar
 training phase (reset after the model is loaded, so file reading and dequantising are not in it;
 it includes the resident model weights).
 
+Both stacks run with the oneDNN kernel cache that `import minilab` sets (16384 shapes; see
+`minilab/__init__.py`): this process imports minilab before it starts them, and they inherit its
+environment. A capacity you export yourself applies to both.
+
 Prints a Markdown table and writes it as JSON to results/bench/dpo.json.
 """
 
