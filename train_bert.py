@@ -120,6 +120,7 @@ class Run:
     n_params: int = 0
     enc: dict = field(default_factory=dict)  # 4. tokenise: split name -> (token ids, lengths)
     zero_shot: dict | None = None  # 5. zero_shot: test scores of the untrained head
+    eval_seconds: dict = field(default_factory=dict)  # 5, 7: seconds of each test evaluation
     tracker: Tracker | None = None  # 6. start_tracking (rank 0 alone logs), fine_tune
     started: float = 0.0
     result: TrainResult | None = None
@@ -179,8 +180,10 @@ def tokenise(run: Run) -> None:
 
 def zero_shot(run: Run) -> None:
     """Step 5: the test scores before any training (the freshly initialised head, as the lab did)."""
+    t0 = time.perf_counter()
     preds = predict(run.model, run.tokenizer, *run.enc["test"], run.device, run.amp_dtype)
     run.zero_shot = evaluate_predictions(run.data.test.labels, preds, run.data.num_labels)
+    run.eval_seconds["zero_shot"] = time.perf_counter() - t0
 
 
 def start_tracking(run: Run) -> None:
@@ -218,8 +221,10 @@ def fine_tune(run: Run) -> None:
 
 def final_evaluation(run: Run) -> None:
     """Step 7: the fine-tuned model's test predictions and scores."""
+    t0 = time.perf_counter()
     run.test_preds = predict(run.model, run.tokenizer, *run.enc["test"], run.device, run.amp_dtype)
     run.fine_tuned = evaluate_predictions(run.data.test.labels, run.test_preds, run.data.num_labels)
+    run.eval_seconds["test"] = time.perf_counter() - t0
 
 
 def save(run: Run) -> None:
@@ -242,6 +247,7 @@ def write_results(run: Run) -> Path:
         wrong=wrong_examples(data.test.texts, data.test.labels, run.test_preds, data.label_names),
         warnings=run.warnings, device=run.device, dtype=precision_name(run.amp_dtype), save_dir=run.save_dir,
         loss_curve=("cross-entropy", (math.log(data.num_labels), "uniform guess")), started=run.started,
+        eval_seconds=run.eval_seconds,
         extra={"dtype": {"bert_fast": run.fast}, "command": {"training": training}})
 
 

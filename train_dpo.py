@@ -295,9 +295,11 @@ class Run:
     after: list = field(default_factory=list)  # 10. final_evaluation
     fine_tuned: dict | None = None
     fine_gen: dict | None = None
+    test_seconds: float = 0.0
     preds: list = field(default_factory=list)
     texts: list = field(default_factory=list)  # the generated answers
     warnings: list = field(default_factory=list)
+    started: float = field(default_factory=time.time)  # for the results' wall_seconds: the whole script
 
 
 def evaluate_test(run: Run, model) -> tuple[dict, dict, list[int], list[str]]:
@@ -541,7 +543,9 @@ def reload(run: Run) -> None:
 def final_evaluation(run: Run) -> None:
     """Step 10: a few answers streamed again, then the reloaded model's test scores."""
     run.after = stream_examples(run, run.model)
+    t_eval = time.time()
     run.fine_tuned, run.fine_gen, run.preds, run.texts = evaluate_test(run, run.model)
+    run.test_seconds = time.time() - t_eval
 
 
 def write_results(run: Run) -> Path:
@@ -564,6 +568,7 @@ def write_results(run: Run) -> Path:
         save_dir=run.save_dir, loss_curve=_loss_curve(args, data.num_labels),
         summary={"test/generation_accuracy": run.fine_gen["accuracy"]} if run.fine_gen else {},
         split_sizes={**data.sizes(), "test_evaluated": run.test_n, "dev_evaluated": run.eval_n},
+        started=run.started, eval_seconds={"zero_shot": run.zero_shot_seconds, "test": run.test_seconds},
         extra={**({"fine_tuned": {"generation_accuracy": {"zero_shot": run.zero_gen, "fine_tuned": run.fine_gen}}}
                   if run.fine_gen else {}),
                "checkpoints": {"reference_logps": {"seconds": run.ref_seconds, "cached": run.ref_cached,

@@ -125,6 +125,15 @@ def _eval_seconds(d: dict) -> float | None:
     return None
 
 
+def _eval_parts(d: dict) -> dict[str, float]:
+    """{"zero-shot": s, "dev": s, "test": s} from a results file's `evaluation` block (empty without one)."""
+    sub = d.get("evaluation")
+    if not isinstance(sub, dict):
+        return {}
+    return {k[: -len("_seconds")].replace("_", "-"): _seconds(v) for k, v in sub.items()
+            if k.endswith("_seconds") and _seconds(v) is not None}
+
+
 def lab_stages(task: str, root: str | Path | None = None) -> dict | None:
     """Stage seconds of the last `make lab` on `task` from results/<task>/{baseline,bert,llama}.json
     (those that exist; None when none does): baseline (features + fit, and the C search), BERT
@@ -149,6 +158,7 @@ def lab_stages(task: str, root: str | Path | None = None) -> dict | None:
         out["bert_wall"] = _seconds(b.get("wall_seconds"))
         out["bert_train"] = _seconds(b.get("train_seconds"))
         out["bert_eval"] = _eval_seconds(b)
+        out["bert_eval_parts"] = _eval_parts(b)
     if "llama" in runs:
         b = runs["llama"]
         ref = b.get("reference_logps") or {}
@@ -157,6 +167,7 @@ def lab_stages(task: str, root: str | Path | None = None) -> dict | None:
         out["dpo_train"] = _seconds(b.get("train_seconds"))
         out["dpo_wall"] = _seconds(b.get("wall_seconds"))
         out["dpo_eval"] = _eval_seconds(b)
+        out["dpo_eval_parts"] = _eval_parts(b)
     return out
 
 
@@ -182,7 +193,9 @@ def lab_stage_line(stages: dict) -> str:
         parts.append(f"DPO script {s(stages['dpo_wall'])}")
     for key, name in (("baseline_eval", "baseline"), ("bert_eval", "BERT"), ("dpo_eval", "DPO")):
         if stages.get(key) is not None:
-            parts.append(f"{name} evaluation {s(stages[key])}")
+            each = stages.get(f"{key}_parts") or {}
+            parts.append(f"{name} evaluation {s(stages[key])}"
+                         + (f" ({', '.join(f'{k} {s(v)}' for k, v in each.items())})" if len(each) > 1 else ""))
     missing = [n for n, k in (("baseline", "baseline"), ("bert", "bert_train"), ("llama", "dpo_train")) if k not in stages]
     if missing:
         parts.append(f"no {', '.join(f'{m}.json' for m in missing)}")

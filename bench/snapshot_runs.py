@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE / "tests"))
 # Fields that depend on the clock, the machine or where the run was started, not on what it computed.
 VOLATILE = {"train_seconds", "wall_seconds", "examples_per_second", "peak_rss_mb", "command", "seconds", "save_dir",
             "metrics_log", "file", "model", "data_source", "resumed_from_step", "checkpoints", "zero_shot_seconds",
-            "eval_seconds", "reference_logps", "timings", "source", "time"}
+            "eval_seconds", "evaluation", "reference_logps", "timings", "source", "time"}
 
 
 def _clean(x):

@@ -53,7 +53,8 @@ class Checkpoints:
         if not self.strategy.is_main:
             return
         meta = {"step": t.step, "epoch": t.epoch, "position": t.position, "examples": t.examples,
-                "train_seconds": t.train_seconds, "best_metric": t.best_metric, "best_step": t.best_step,
+                "train_seconds": t.train_seconds, "eval_seconds": t.eval_seconds,
+                "best_metric": t.best_metric, "best_step": t.best_step,
                 "nonfinite": t.nonfinite, "nonfinite_in_row": t.nonfinite_in_row,
                 "metrics_lines": t.log.tracker.lines if t.log.tracker else 0,
                 "wandb_id": t.log.tracker.wandb_id if t.log.tracker else None}
@@ -78,6 +79,7 @@ class Checkpoints:
         for k in ("step", "epoch", "position", "examples", "train_seconds", "best_metric", "best_step", "nonfinite",
                   "nonfinite_in_row"):
             setattr(t, k, meta[k])
+        t.eval_seconds = meta.get("eval_seconds", 0.0)  # (checkpoints from before it was kept: 0)
         t.best_state = best
         self.resumed_from = t.step
         print(f"resumed from {self.checkpointer.folder}: step {t.step} of {t.total_steps}, "

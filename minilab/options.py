@@ -53,6 +53,7 @@ class TrainResult:
     checkpoints: int = 0  # checkpoints this process wrote, and the seconds they took
     checkpoint_seconds: float = 0.0
     resumed_from: int | None = None  # the step a resumed run started from
+    eval_seconds: float = 0.0  # the dev evaluations (not in train_seconds, which times the steps alone)
 
 
 def check_config(cfg: TrainConfig) -> None:

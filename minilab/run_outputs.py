@@ -54,12 +54,14 @@ def draw_pictures(tracker, folder: Path, name: str, label_names: list[str], conf
 def finish_run(tracker, checkpointer, result, cfg, data, *, out: str, name: str, kind: str, model_id: str,
                zero_shot: dict, fine_tuned: dict, predictions: list[int], wrong: list[dict], warnings: list[str],
                device, dtype: str, save_dir: Path, loss_curve: tuple, summary: dict | None = None,
-               split_sizes: dict | None = None, started: float | None = None, extra: dict | None = None) -> Path:
+               split_sizes: dict | None = None, started: float | None = None, eval_seconds: dict | None = None,
+               extra: dict | None = None) -> Path:
     """Close the run (rank 0 alone) and write `<out>/<task>/<name>.json`; returns its path.
 
     `result`, `cfg`: the loop's TrainResult and TrainConfig; `data`: the TaskData; `summary`: more
     W&B summary values; `split_sizes`: when not the data's own; `started`: the training's start
-    time, for `wall_seconds`. `extra` places a script's own fields after a common one, so that each
+    time, for `wall_seconds`; `eval_seconds`: the script's own test evaluations by name ({"zero_shot": s,
+    "test": s}), written with the loop's dev evaluations as `evaluation`. `extra` places a script's own fields after a common one, so that each
     results file keeps its order: {"dtype": {"bert_fast": True}} puts bert_fast after dtype."""
     run_dir = Path(out) / data.task
     tracker.summary({"test/accuracy": fine_tuned["accuracy"], "test/macro_f1": fine_tuned["macro_f1"],
@@ -78,6 +80,7 @@ def finish_run(tracker, checkpointer, result, cfg, data, *, out: str, name: str,
         "train_seconds": result.train_seconds,
         **({"wall_seconds": time.time() - started} if started is not None else {}),
         "examples_per_second": result.examples_per_second,
+        "evaluation": {f"{k}_seconds": v for k, v in {**(eval_seconds or {}), "dev": result.eval_seconds}.items()},
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device), "dtype": dtype, "seed": cfg.seed,
         "command": command_line(),

@@ -60,7 +60,7 @@ class Trainer:
         self.eval_every = cfg.eval_every or self.steps_per_epoch
         self.log = TrainLog(tracker, cfg.log_every, writes=self.strategy.is_main)
         self.step = self.epoch = self.position = self.examples = 0  # position: steps taken in this epoch
-        self.train_seconds, self.nonfinite, self.nonfinite_in_row = 0.0, 0, 0
+        self.train_seconds, self.eval_seconds, self.nonfinite, self.nonfinite_in_row = 0.0, 0.0, 0, 0
         self.best_metric, self.best_step, self.best_state = None, None, None
         self.signals = hooks.StopSignals(self.strategy, catch=checkpointer is not None)
         self.budget = hooks.TimeBudget(cfg.max_train_seconds, self.strategy)
@@ -92,7 +92,8 @@ class Trainer:
             load_trainable(self.model, self.best_state)
         return TrainResult(self.step, self.examples, self.train_seconds, self.examples / max(1e-9, self.train_seconds),
                            self.best_step, self.best_metric, self.log.history, self.nonfinite, self.budget.stopped_by,
-                           self.checkpoints.written, self.checkpoints.seconds, self.checkpoints.resumed_from)
+                           self.checkpoints.written, self.checkpoints.seconds, self.checkpoints.resumed_from,
+                           self.eval_seconds)
 
     def train_step(self, group: list, first: int = 0) -> tuple[float | None, int]:
         """One optimizer step over `group` (`first`: its first micro-batch's index in the epoch);
@@ -154,8 +155,10 @@ class Trainer:
         if self.evaluate_fn is None:
             return
         self.model.eval()
+        t0 = time.perf_counter()
         with torch.no_grad():
             metrics = self.evaluate_fn(self.model)
+        self.eval_seconds += time.perf_counter() - t0
         self.model.train()
         self.log.add(metrics, self.step, "eval")
         score = metrics[self.cfg.metric]

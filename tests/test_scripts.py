@@ -32,6 +32,9 @@ def test_train_bert_end_to_end(tmp_path, tiny_steam, tiny_bert):
     assert r["split_sizes"] == {"train": 64, "dev": 24, "test": 24}
     assert r["fine_tuned"]["n"] == 24 and 0 <= r["fine_tuned"]["accuracy"] <= 1
     assert (tmp_path / "saved" / "model.safetensors").is_file()
+    ev = r["evaluation"]  # each test evaluation and the dev ones during training, timed apart
+    assert set(ev) == {"zero_shot_seconds", "dev_seconds", "test_seconds"} and all(v > 0 for v in ev.values())
+    assert ev["dev_seconds"] + ev["test_seconds"] < r["wall_seconds"]  # wall_seconds: from fine-tuning on
     log = [json.loads(line) for line in (tmp_path / "steam" / "bert_metrics.jsonl").read_text().splitlines()]
     assert any(x["kind"] == "train" for x in log) and any(x["kind"] == "eval" for x in log)
     for pic in ("bert_training_curve.png", "bert_confusion.png"):
@@ -64,6 +67,15 @@ def test_train_dpo_end_to_end(tmp_path, tiny_steam, tiny_llama):
     assert set(REQUIRED) <= set(r)
     assert r["training"]["steps"] == 4 and r["training"]["pairs"] == 16 and r["fine_tuned"]["n"] == 8
     assert len(r["examples"]) == 3 and {"before", "after", "true"} <= set(r["examples"][0])
+    ev = r["evaluation"]  # the zero-shot and final test evaluations and the dev ones, timed apart
+    assert set(ev) == {"zero_shot_seconds", "dev_seconds", "test_seconds"} and all(v > 0 for v in ev.values())
+    assert sum(ev.values()) + r["train_seconds"] < r["wall_seconds"]  # wall_seconds: the whole script
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import lab_stage_line, lab_stages  # make bench's line of make lab's stage timings
+
+    line = lab_stage_line(lab_stages("steam", tmp_path))
+    assert "reference pass" in line and "DPO steps" in line and "DPO script" in line, line
+    assert "DPO evaluation" in line and all(f"{k} " in line for k in ("zero-shot", "dev", "test")), line
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(tiny_llama)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
