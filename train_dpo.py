@@ -299,7 +299,7 @@ class Run:
     preds: list = field(default_factory=list)
     texts: list = field(default_factory=list)  # the generated answers
     warnings: list = field(default_factory=list)
-    started: float = field(default_factory=time.time)  # for the results' wall_seconds: the whole script
+    started: float = field(default_factory=time.time)  # for the results' wall_seconds: from setup on
 
 
 def evaluate_test(run: Run, model) -> tuple[dict, dict, list[int], list[str]]:
@@ -337,6 +337,7 @@ def stream_examples(run: Run, model) -> list[str]:
 def setup(args) -> Run:
     """Step 1: the training config (the preset's, then the command line's), the device, the other
     processes under torchrun, the precision, the seed; and the task's three splits."""
+    started = time.time()
     preset, cfg = preset_and_config(args)
     device = pick_device(args.device)
     world = distributed.init(args.dist_timeout, device)  # torchrun: join the other processes (else a no-op)
@@ -346,7 +347,7 @@ def setup(args) -> Run:
     set_seed(cfg.seed)
     data = load_task_from_args(args)
     cfg.metric = data.metric
-    return Run(args, preset, cfg, device, world, amp_dtype, data)
+    return Run(args, preset, cfg, device, world, amp_dtype, data, started=started)
 
 
 def load_model(run: Run) -> None:
@@ -568,7 +569,8 @@ def write_results(run: Run) -> Path:
         save_dir=run.save_dir, loss_curve=_loss_curve(args, data.num_labels),
         summary={"test/generation_accuracy": run.fine_gen["accuracy"]} if run.fine_gen else {},
         split_sizes={**data.sizes(), "test_evaluated": run.test_n, "dev_evaluated": run.eval_n},
-        started=run.started, eval_seconds={"zero_shot": run.zero_shot_seconds, "test": run.test_seconds},
+        started=run.started, eval_seconds={"zero_shot": None if run.zero_shot_cached else run.zero_shot_seconds,
+                                           "test": run.test_seconds},
         extra={**({"fine_tuned": {"generation_accuracy": {"zero_shot": run.zero_gen, "fine_tuned": run.fine_gen}}}
                   if run.fine_gen else {}),
                "checkpoints": {"reference_logps": {"seconds": run.ref_seconds, "cached": run.ref_cached,

@@ -12,8 +12,10 @@ __version__ = "0.1.0"
 # pairs/s after step 40; on another, about 1 ms, and the 400 steps took 4% longer. A larger cache
 # gives the same numbers bit for bit. oneDNN reads the variable when it builds its first kernel, so
 # it is set here, on `import minilab`, which every entry point does before its first matmul
-# (tests/test_onednn_cache.py checks that it arrives in time). A value you export yourself wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+# (tests/test_onednn_cache.py checks that it arrives in time after `import torch`). A value you
+# export yourself wins, under either of oneDNN's names (it reads ONEDNN_ before DNNL_).
+if not any(v in os.environ for v in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")):
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "16384"
 
 
 def __getattr__(name):  # `from minilab import load_classifier`, without importing torch for `import minilab`
