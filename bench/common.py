@@ -107,24 +107,6 @@ def _seconds(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def _eval_seconds(d: dict) -> float | None:
-    """Seconds spent evaluating, where a results file records them (the field's name varies by script)."""
-    for key in ("eval_seconds", "evaluation_seconds", "evaluate_seconds"):
-        if _seconds(d.get(key)) is not None:
-            return _seconds(d[key])
-    for key in ("evaluation", "eval", "timings", "timing"):
-        sub = d.get(key)
-        if isinstance(sub, dict):
-            if _seconds(sub.get("seconds")) is not None:
-                return _seconds(sub["seconds"])
-            named = key.startswith("eval")  # an "evaluation" dict: every seconds field in it; "timings": the eval ones
-            parts = [_seconds(v) for k, v in sub.items()
-                     if (named and ("seconds" in k or k in ("zero_shot", "test", "dev"))) or "eval" in k]
-            if any(p is not None for p in parts):
-                return sum(p for p in parts if p is not None)
-    return None
-
-
 def _eval_parts(d: dict) -> dict[str, float]:
     """{"zero-shot": s, "dev": s, "test": s} from a results file's `evaluation` block (empty without one)."""
     sub = d.get("evaluation")
@@ -152,12 +134,10 @@ def lab_stages(task: str, root: str | Path | None = None) -> dict | None:
         b = runs["baseline"]
         out["baseline"] = _seconds(b.get("train_seconds"))
         out["baseline_search"] = _seconds(b.get("search_seconds"))
-        out["baseline_eval"] = _eval_seconds(b)
     if "bert" in runs:
         b = runs["bert"]
         out["bert_wall"] = _seconds(b.get("wall_seconds"))
         out["bert_train"] = _seconds(b.get("train_seconds"))
-        out["bert_eval"] = _eval_seconds(b)
         out["bert_eval_parts"] = _eval_parts(b)
     if "llama" in runs:
         b = runs["llama"]
@@ -166,7 +146,6 @@ def lab_stages(task: str, root: str | Path | None = None) -> dict | None:
         out["reference_cached"] = bool(ref.get("cached"))
         out["dpo_train"] = _seconds(b.get("train_seconds"))
         out["dpo_wall"] = _seconds(b.get("wall_seconds"))
-        out["dpo_eval"] = _eval_seconds(b)
         out["dpo_eval_parts"] = _eval_parts(b)
     return out
 
@@ -191,11 +170,11 @@ def lab_stage_line(stages: dict) -> str:
         parts.append(f"DPO steps {s(stages['dpo_train'])}")
     if stages.get("dpo_wall") is not None:
         parts.append(f"DPO script {s(stages['dpo_wall'])}")
-    for key, name in (("baseline_eval", "baseline"), ("bert_eval", "BERT"), ("dpo_eval", "DPO")):
-        if stages.get(key) is not None:
-            each = stages.get(f"{key}_parts") or {}
-            parts.append(f"{name} evaluation {s(stages[key])}"
-                         + (f" ({', '.join(f'{k} {s(v)}' for k, v in each.items())})" if len(each) > 1 else ""))
+    for key, name in (("bert_eval_parts", "BERT"), ("dpo_eval_parts", "DPO")):
+        each = stages.get(key) or {}
+        if each:
+            named = ", ".join(f"{k} {s(v)}" for k, v in each.items())
+            parts.append(f"{name} evaluation {s(sum(each.values()))} ({named})")
     missing = [n for n, k in (("baseline", "baseline"), ("bert", "bert_train"), ("llama", "dpo_train")) if k not in stages]
     if missing:
         parts.append(f"no {', '.join(f'{m}.json' for m in missing)}")

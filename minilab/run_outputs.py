@@ -60,10 +60,13 @@ def finish_run(tracker, checkpointer, result, cfg, data, *, out: str, name: str,
 
     `result`, `cfg`: the loop's TrainResult and TrainConfig; `data`: the TaskData; `summary`: more
     W&B summary values; `split_sizes`: when not the data's own; `started`: the training's start
-    time, for `wall_seconds`; `eval_seconds`: the script's own test evaluations by name ({"zero_shot": s,
-    "test": s}), written with the loop's dev evaluations as `evaluation`. `extra` places a script's own fields after a common one, so that each
-    results file keeps its order: {"dtype": {"bert_fast": True}} puts bert_fast after dtype."""
+    time, for `wall_seconds`; `eval_seconds`: the script's own test evaluations ({"zero_shot": s,
+    "test": s}), written with the loop's dev evaluations as `evaluation`. `extra` places a script's
+    own fields after a common one, so that each results file keeps its order: {"dtype": {"bert_fast":
+    True}} puts bert_fast after dtype."""
     run_dir = Path(out) / data.task
+    evaluation = {"zero_shot": (eval_seconds or {}).get("zero_shot"), "dev": result.eval_seconds,
+                  "test": (eval_seconds or {}).get("test")}  # None: not evaluated here (e.g. read from a cache)
     tracker.summary({"test/accuracy": fine_tuned["accuracy"], "test/macro_f1": fine_tuned["macro_f1"],
                      "zero_shot/accuracy": zero_shot["accuracy"], **(summary or {})})
     draw_pictures(tracker, run_dir / "pictures", name, data.label_names, fine_tuned["confusion"], loss_curve)
@@ -80,8 +83,7 @@ def finish_run(tracker, checkpointer, result, cfg, data, *, out: str, name: str,
         "train_seconds": result.train_seconds,
         **({"wall_seconds": time.time() - started} if started is not None else {}),
         "examples_per_second": result.examples_per_second,
-        "evaluation": {f"{k}_seconds": v for k, v in (("zero_shot", (eval_seconds or {}).get("zero_shot")),
-                       ("dev", result.eval_seconds), ("test", (eval_seconds or {}).get("test"))) if v is not None},
+        "evaluation": {f"{k}_seconds": v for k, v in evaluation.items() if v is not None},
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device), "dtype": dtype, "seed": cfg.seed,
         "command": command_line(),
