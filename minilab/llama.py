@@ -230,26 +230,35 @@ class KVCache:
         return out
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v for (B, H, T, hd) queries over (B, K, S, hd) keys and values.
+# SDPA takes `enable_gqa` from torch 2.5 on. On the CPU it was measured bit for bit equal to SDPA over
+# copied-out heads, and faster, with torch 2.13 (the release the Makefile installs); releases before that
+# copy the heads out as before, so that no result depends on an older release's choice of kernel.
+CPU_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
-    Grouped-query attention: each of the K key/value heads serves H/K consecutive query heads.
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for (B, H, T, hd) queries over (B, K, S, hd) keys and values:
+    each of the K key/value heads serves H/K consecutive query heads (grouped-query attention).
+
     mask: (B, 1, T, S) bool (True = may attend), or None for plain causal attention (no past).
-    Usually this is `F.scaled_dot_product_attention`. On the CPU it reads the K shared heads
-    itself (`enable_gqa`); elsewhere, and when training on the CPU, they are first copied out to H
-    heads (`repeat_interleave`). Both give the same bits on the CPU, but the copy was over half of
-    SDPA's time when decoding one token (about 1.4 of 1.5 ms per layer for 32 rows), and on CUDA
-    not every SDPA kernel takes `enable_gqa`, so there the copy stays.
-    The exception is training on the CPU: there SDPA's flash-attention backward kernel was a
-    quarter of a whole DPO step at the lab's lengths (about 100-300 tokens), where attention is only
-    a few percent of the FLOPs. Written out as two matmuls and a softmax, autograd's backward is plain
-    matmuls too, and a DPO step is 1.3x faster (bench/profile_step.py). Scores come out of the
-    matmul in the input dtype (bf16 under autocast) and the softmax runs in fp32, as transformers'
-    "eager" attention does.
+    Two paths compute it:
+
+    * `F.scaled_dot_product_attention` (SDPA), except when training on the CPU. On the CPU, SDPA
+      reads the K shared heads itself (`enable_gqa`, `CPU_SDPA_GQA` above): bit for bit what it
+      gives over the heads copied out to H with `repeat_interleave`, without the copies, which
+      took as long as SDPA itself when decoding (torch.profiler, 12 greedy steps of 32 rows of
+      SmolLM2: 77 ms of copies beside 69 ms of SDPA). On CUDA not every SDPA kernel takes
+      `enable_gqa`, so there the heads are still copied out.
+    * Written out as two matmuls and a softmax, when training on the CPU. There SDPA's
+      flash-attention backward kernel was a quarter of a whole DPO step at the lab's lengths
+      (about 100-300 tokens), where attention is only a few percent of the FLOPs; autograd's
+      backward of this is plain matmuls too, and a DPO step is 1.3x faster (bench/profile_step.py).
+      Scores come out of the matmul in the input dtype (bf16 under autocast) and the softmax runs
+      in fp32, as transformers' "eager" attention does.
     """
     group = q.shape[1] // k.shape[1]
     training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled()
-    if group > 1 and (training_on_cpu or q.device.type != "cpu"):
+    if group > 1 and (training_on_cpu or q.device.type != "cpu" or not CPU_SDPA_GQA):
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
     if not training_on_cpu:
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}

@@ -410,31 +410,37 @@ def test_training_attention_over_a_cache_matches_the_full_forward(tmp_path):
     torch.testing.assert_close(got.detach(), full[:, 7:], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("K", [2, 1, 6], ids=["K2", "K1", "no-GQA"])
 @pytest.mark.parametrize("case", ["decode", "prefill-padded", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_attention_reads_shared_kv_heads_bit_for_bit(case, dtype):
+def test_inference_attention_reads_shared_kv_heads_bit_for_bit(case, dtype, K, monkeypatch):
     """Without autograd on the CPU, `attention` hands SDPA the K shared key/value heads
     (`enable_gqa`) instead of copying them out to H heads first. That must be the very same
     arithmetic: bit for bit the output of SDPA over the copied-out heads (query head h reads
     kv head h // (H/K)), for one decoded token over a left-padded cache, a padded prefill and a
-    plain causal pass, in fp32 and bf16. The reference below is the code this replaced."""
-    from minilab.llama import attention
+    plain causal pass, in fp32 and bf16, with keys laid out as the model makes them (a transposed
+    view). The reference below is the code this replaced; SDPA is watched to see which path ran."""
+    import minilab.llama as llama
 
     g = torch.Generator().manual_seed(0)
-    B, H, K, hd = 3, 6, 2, 16
+    B, H, hd = 3, 6, 16
     T, S = {"decode": (1, 9), "prefill-padded": (7, 11), "causal": (8, 8)}[case]
-    q, k, v = (torch.randn(B, n, t, hd, generator=g).to(dtype) for n, t in ((H, T), (K, S), (K, S)))
+    q = torch.randn(B, T, H, hd, generator=g).to(dtype).transpose(1, 2)  # (B, H, T, hd), as in LlamaAttention
+    k, v = (torch.randn(B, S, K, hd, generator=g).to(dtype).transpose(1, 2) for _ in range(2))  # (B, K, S, hd)
     mask = None
     if case != "causal":
         mask = torch.ones(B, 1, T, S, dtype=torch.bool).tril(S - T)
         mask[1, :, :, :3] = False  # row 1 is left-padded by 3
         mask[:, :, torch.arange(T), torch.arange(S - T, S)] = True  # a query always sees itself
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     k_all, v_all = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, hd)
-    if mask is None:
-        want = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
-    else:
-        want = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+    want = sdpa(q, k_all, v_all, is_causal=True) if mask is None else sdpa(q, k_all, v_all, attn_mask=mask)
+    calls = []
+    monkeypatch.setattr(llama.F, "scaled_dot_product_attention",
+                        lambda q_, k_, *a, **kw: calls.append((k_.shape[1], kw.get("enable_gqa", False))) or sdpa(q_, k_, *a, **kw))
     with torch.no_grad():
-        got = attention(q, k, v, mask)
+        got = llama.attention(q, k, v, mask)
     assert got.shape == (B, H, T, hd)
     assert torch.equal(got, want)
+    if llama.CPU_SDPA_GQA:
+        assert calls == [(K, K != H)]  # the K heads themselves; enable_gqa only when they are shared
