@@ -257,11 +257,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
       in fp32, as transformers' "eager" attention does.
     """
     group = q.shape[1] // k.shape[1]
-    training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled()
-    if group > 1 and (training_on_cpu or q.device.type != "cpu" or not CPU_SDPA_GQA):
+    written_out = q.device.type == "cpu" and torch.is_grad_enabled()  # training on the CPU
+    shared_kv = group > 1 and q.device.type == "cpu" and not written_out and CPU_SDPA_GQA  # SDPA reads the K heads
+    if group > 1 and not shared_kv:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
-    if not training_on_cpu:
-        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    if not written_out:
+        gqa = {"enable_gqa": True} if shared_kv else {}
         if mask is None:  # no padding, no past: the fused causal path
             return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, **gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
