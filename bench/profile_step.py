@@ -232,18 +232,20 @@ def setup_dpo(args, n_batches: int):
 @contextlib.contextmanager
 def labelled_clipping():
     """Gradient clipping under a named range, so that its norms count as optimizer time (Trainer
-    calls `torch.nn.utils.clip_grad_norm_`, which records no range of its own)."""
-    plain = torch.nn.utils.clip_grad_norm_
+    calls `minilab.optim.clip_grad_norm`, which records no range of its own)."""
+    import minilab.train
+
+    plain = minilab.train.clip_grad_norm
 
     def clip(*args, **kwargs):
         with torch.profiler.record_function("clip_grad_norm_"):
             return plain(*args, **kwargs)
 
-    torch.nn.utils.clip_grad_norm_ = clip
+    minilab.train.clip_grad_norm = clip
     try:
         yield
     finally:
-        torch.nn.utils.clip_grad_norm_ = plain
+        minilab.train.clip_grad_norm = plain
 
 
 def profile_one(what: str, args) -> str:

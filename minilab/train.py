@@ -18,7 +18,7 @@ import torch
 
 from . import distributed, hooks, strategy
 from .hooks import TrainingInterrupted
-from .optim import linear_schedule, make_optimizer, set_seed
+from .optim import clip_grad_norm, linear_schedule, make_optimizer, set_seed
 from .options import TrainConfig, TrainResult, check_config
 from .precision import autocast, resolve_precision
 from .progress import Progress
@@ -115,7 +115,7 @@ class Trainer:
         loss_sum, examples = self.strategy.combine(loss_sum, examples, self.params, self.step + 1, self.signals.seen)
         self.examples += examples
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or math.inf)  # inf: no clipping
+        norm = clip_grad_norm(self.model, self.params, self.cfg.max_grad_norm or math.inf)  # inf: no clipping
         grad_norm = float(distributed.full_tensor(norm))  # under FSDP a sharded tensor, gathered whole
         finite = math.isfinite(loss_sum) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
         if finite:  # fp16: the scaler skips a step with inf/nan gradients itself, and shrinks its scale

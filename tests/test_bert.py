@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from minilab.bert import BertConfig, BertForSequenceClassification, BertModel  # noqa: E402
 from minilab.bert import BertSelfAttention  # noqa: E402
-from minilab.bert_fast import BufferedEmbedding, Dropout, PackedBertModel, drop_mask, speed_up  # noqa: E402
+from minilab.bert_fast import BufferedEmbedding, Dropout, PackedBertModel, keep_scale, speed_up  # noqa: E402
 from minilab import bert_fast  # noqa: E402
 from minilab.bert_tokenizer import load_bert_tokenizer  # noqa: E402
 from minilab.weights import load_bert_classifier, load_bert_weights, save_bert_classifier  # noqa: E402
@@ -246,45 +246,59 @@ def test_dropout_keeps_one_minus_p_and_scales():
 
 
 def test_dropout_mask_uses_every_word_of_a_draw_and_the_float_way_where_the_grid_is_off():
-    """drop_mask cuts each 64-bit draw into four 16-bit words, one per element: each of the four
+    """keep_scale cuts each 64-bit draw into four 16-bit words, one per element: each of the four
     positions must be dropped with probability round(p * 65536) / 65536, and the words must be
     drawn over all 64 bits (int64 `random_()` without a range never sets the top bit: every fourth
     word would then read as >= 32768 of 65536, and at p = 0.6 be dropped with probability 0.2, not 0.6)."""
+    cpu = torch.device("cpu")
+
+    def keep_mask(shape, p, device):  # the kept elements, as bools
+        mask = keep_scale(shape, p, device)
+        assert mask.dtype == torch.float32 and set(mask.unique().tolist()) <= {0.0, float(torch.tensor(1 / (1 - p)))}
+        return mask > 0
+
     torch.manual_seed(0)
-    drop = drop_mask(torch.Size([400_000]), 0.6, torch.device("cpu"))
-    assert drop.shape == (400_000,) and drop.dtype == torch.bool
-    want = round(0.6 * 65536) / 65536  # 0.60001
+    keep = keep_mask(torch.Size([400_000]), 0.6, cpu)
+    assert keep.shape == (400_000,) and keep.dtype == torch.bool
+    want = round(0.6 * 65536) / 65536  # 0.60001 dropped
     for j in range(4):  # 100k draws at each position: std 0.0015, allow 5 sigma
-        assert abs(drop[j::4].float().mean().item() - want) < 0.0078, j
+        assert abs((~keep[j::4]).float().mean().item() - want) < 0.0078, j
     # odd sizes and shapes: the last word's unused elements are cut off
-    assert drop_mask(torch.Size([3, 5, 7]), 0.1, torch.device("cpu")).shape == (3, 5, 7)
+    assert keep_mask(torch.Size([3, 5, 7]), 0.1, cpu).shape == (3, 5, 7)
     # a p the 16-bit grid cannot hold (5e-6 would round to 0 of 65536) is drawn the float way:
     # 20 drops expected in 4M elements, none with probability e^-20
-    assert 0 < drop_mask(torch.Size([4_000_000]), 5e-6, torch.device("cpu")).sum() < 60
+    assert 0 < (~keep_mask(torch.Size([4_000_000]), 5e-6, cpu)).sum() < 60
     # so is a p that rounds to 65536 of 65536, which no word is below: it must drop nearly all
     torch.manual_seed(0)
-    assert drop_mask(torch.Size([1000]), 1 - 2**-18, torch.device("cpu")).sum() > 990
+    assert keep_mask(torch.Size([1000]), 1 - 2**-18, cpu).sum() < 10
     torch.manual_seed(1)
-    a = drop_mask(torch.Size([1000]), 0.1, torch.device("cpu"))
+    a = keep_mask(torch.Size([1000]), 0.1, cpu)
     torch.manual_seed(1)
-    assert torch.equal(a, drop_mask(torch.Size([1000]), 0.1, torch.device("cpu")))  # seeded: repeatable
+    assert torch.equal(a, keep_mask(torch.Size([1000]), 0.1, cpu))  # seeded: repeatable
 
 
 def test_dropout_gives_the_values_of_multiplying_by_the_mask():
-    """masked_fill then the fp32 scale: value by value the x * keep * (1 / (1 - p)) it replaces
-    (torch.equal: a dropped -0.0 there is +0.0 here), forward and backward, in bf16 and fp32."""
+    """One multiply by an fp32 keep * 1/(1 - p): bit for bit x * keep, then the fp32 scale, rounded
+    once (what masked_fill then a scale gave before), forward and backward, in bf16 and fp32; a
+    dropped element is x * 0, as in nn.Dropout (-0.0 for a negative x, NaN for an inf)."""
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
-        x = torch.randn(64, 33, dtype=dtype, requires_grad=True)
+        x = torch.randn(64, 33, dtype=dtype)
+        x[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+        x.requires_grad_()
         g = torch.randn(64, 33, dtype=dtype)
         torch.manual_seed(5)
         y = Dropout(0.1).train()(x)
         y.backward(g)
+        assert y.dtype == x.grad.dtype == dtype
         torch.manual_seed(5)
-        keep = ~drop_mask(x.shape, 0.1, x.device)
-        assert torch.equal(y, x.detach().mul(keep).mul_(1 / 0.9))
-        assert torch.equal(x.grad, g.mul(keep).mul_(1 / 0.9))
+        keep = keep_scale(x.shape, 0.1, x.device) > 0
+        for got, want in ((y, x.detach().mul(keep).mul_(1 / 0.9)), (x.grad, g.mul(keep).mul_(1 / 0.9))):
+            # bit patterns, so that the sign of a zero and NaN's place count too
+            assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
         assert 0 < (y == 0).sum() < x.numel()
+        assert torch.signbit(y[~keep & (x.detach() < 0)]).all()  # -0.0, as nn.Dropout gives
 
 
 def test_packed_rows_are_rounded_up_with_padding_rows_that_change_no_real_result(tiny_clf, monkeypatch):
@@ -602,6 +616,49 @@ def test_buffered_embedding_recovers_from_writes_it_did_not_make():
     step(eval_mode=True)  # autograd's own embedding gradient, adopted as the buffer
     step()
     assert ours.weight.grad.isfinite().all()
+
+
+def test_clipping_reads_only_the_embedding_rows_a_batch_touched_and_matches_torch(monkeypatch):
+    """optim.clip_grad_norm reads and scales only the word-embedding rows BufferedEmbedding says may
+    be non-zero, and gives torch.nn.utils.clip_grad_norm_'s norm and gradients bit for bit: over
+    steps that clip, steps that do not, two micro-batches in one step, and an eval-mode backward
+    (rows unknown: torch's own path). The sampled ids leave most of the 300 rows untouched."""
+    from minilab import optim
+
+    torch.manual_seed(0)
+    model = speed_up(BertForSequenceClassification(BertConfig(
+        vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32), num_labels=3)).train()
+    word = model.bert.embeddings.word
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    real_clip = torch.nn.utils.clip_grad_norm_
+    used_torch = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: used_torch.append(1) or real_clip(*a, **k))
+    for step, (max_norm, micro, train) in enumerate([(0.05, 1, True), (1e9, 1, True), (0.05, 2, True),
+                                                     (0.05, 1, False), (0.05, 1, True)]):
+        model.zero_grad(set_to_none=True)
+        model.train(train)
+        touched = set()
+        for _ in range(micro):
+            ids = torch.randint(1, 300, (3, 6), generator=g)
+            touched |= set(ids.flatten().tolist())
+            model(ids, torch.ones_like(ids)).logsumexp(-1).sum().backward()
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]  # torch's clipping, on copies
+        for c, p in zip(copies, params):
+            c.grad = p.grad.clone()
+        want_norm = real_clip(copies, max_norm)
+        rows = word.grad_rows()
+        used_torch.clear()
+        norm = optim.clip_grad_norm(model, params, max_norm)
+        if train:
+            assert rows is not None and set(rows.tolist()) == touched and not used_torch, step
+        else:  # autograd's own embedding gradient: rows unknown, torch's path
+            assert rows is None and used_torch, step
+        assert torch.equal(norm, want_norm), step
+        for p, c in zip(params, copies):
+            assert torch.equal(p.grad, c.grad), step
+    assert float(want_norm) > 0.05  # the clipping steps clipped
 
 
 def test_fast_parts_are_chosen_by_device():
