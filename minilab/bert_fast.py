@@ -79,31 +79,36 @@ def keep_scale(shape: torch.Size, p: float, device: torch.device) -> torch.Tenso
     return keep.mul_(scale).view(shape)
 
 
-def _scaled(x: torch.Tensor, keep_scale: torch.Tensor) -> torch.Tensor:
-    """x * keep_scale computed in fp32 and written in x's dtype: one pass, each value rounded once
+def _scaled(x: torch.Tensor, keep_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x * keep_scale computed in fp32 and written in `dtype`: one pass, each value rounded once
     (bf16 x: the values of x.mul(keep).mul_(1 / (1 - p)), the Python-float scale applied in fp32).
     A dropped element is x * 0, as in nn.Dropout: -0.0 for a negative x, NaN for an inf or NaN."""
-    return torch.mul(x, keep_scale, out=torch.empty_like(x))
+    return torch.mul(x, keep_scale, out=torch.empty_like(x, dtype=dtype))
 
 
 class _DropoutFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, p: float, dtype: torch.dtype | None) -> torch.Tensor:
         # fp32 0 or 1/(1 - p), kept for backward: 4 bytes an element where a bool mask takes 1,
         # the price of a single multiply each way
         mask = keep_scale(x.shape, p, x.device)
         ctx.save_for_backward(mask)
-        return _scaled(x, mask)
+        ctx.in_dtype = x.dtype
+        return _scaled(x, mask, dtype or x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return _scaled(grad, mask), None
+        return _scaled(grad, mask, ctx.in_dtype), None, None
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout: each element kept with probability 1 - p and scaled by 1/(1 - p)."""
-    return _DropoutFn.apply(x, p) if training and p > 0.0 else x
+def dropout(x: torch.Tensor, p: float, training: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverted dropout: each element kept with probability 1 - p and scaled by 1/(1 - p); the
+    result in `dtype` (default: x's). `dropout(x, p, True, torch.bfloat16)` gives, bit for bit,
+    `dropout(x, p, True).to(torch.bfloat16)`, forward and backward, in one pass instead of two."""
+    if not (training and p > 0.0):
+        return x if dtype is None else x.to(dtype)
+    return _DropoutFn.apply(x, p, dtype)
 
 
 class Dropout(nn.Module):
@@ -313,7 +318,8 @@ def packed_attention(attn: BertSelfAttention, x: torch.Tensor, packing: Packing,
         att = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, nh, Tq, T)
         if packing.bias is not None:
             att = att + packing.bias  # fp32 bias: the sum, and so the softmax, is fp32
-        y = dropout(att.float().softmax(-1), attn.dropout, True) @ v  # (B, nh, Tq, hd)
+        # the fp32 probabilities dropped and written in v's dtype (bf16 in autocast) at once
+        y = dropout(att.float().softmax(-1), attn.dropout, True, v.dtype) @ v  # (B, nh, Tq, hd)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.mask,
                                            dropout_p=attn.dropout if attn.training else 0.0)

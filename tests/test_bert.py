@@ -301,6 +301,30 @@ def test_dropout_gives_the_values_of_multiplying_by_the_mask():
         assert torch.signbit(y[~keep & (x.detach() < 0)]).all()  # -0.0, as nn.Dropout gives
 
 
+def test_dropout_into_another_dtype_is_dropout_then_the_cast():
+    """The training attention drops its fp32 probabilities and writes them in bf16 in one pass:
+    bit for bit the dropout in fp32 then the cast, forward, and backward from a bf16 gradient
+    (which arrives in fp32 after the cast's own backward)."""
+    from minilab.bert_fast import dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 9, 9).softmax(-1)
+    g = torch.randn(4, 2, 9, 9, dtype=torch.bfloat16)
+    outs = []
+    for fused in (True, False):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        y = dropout(xi, 0.1, True, torch.bfloat16) if fused else dropout(xi, 0.1, True).to(torch.bfloat16)
+        y.backward(g)
+        outs.append((y, xi.grad))
+    (y, gx), (y_ref, gx_ref) = outs
+    assert y.dtype == torch.bfloat16 and gx.dtype == torch.float32
+    assert torch.equal(y.view(torch.int16), y_ref.view(torch.int16))
+    assert torch.equal(gx.view(torch.int32), gx_ref.view(torch.int32))
+    assert 0 < (y == 0).sum() < y.numel()
+    assert dropout(x, 0.1, False, torch.bfloat16).dtype == torch.bfloat16  # eval: the cast alone
+
+
 def test_packed_rows_are_rounded_up_with_padding_rows_that_change_no_real_result(tiny_clf, monkeypatch):
     """Packing rounds N up to a multiple of `row_multiple` with padding positions (fillers). They
     are masked as keys, so every real token's state is what it is without them, and the hidden
