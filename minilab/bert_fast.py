@@ -25,8 +25,8 @@ and native dropout are the fast path. `bench/bench_bert.py --tricks` times each 
    mask drawn from 16 random bits per element (`keep_scale`) rather than with a float `rand` or
    `bernoulli_`, which cost 2.2-2.9x and about 4x as much on the CPU. The mask becomes one fp32
    tensor of 0 and 1/(1-p), and forward and backward are each one multiply by it, rounded once
-   to the activation's dtype (`masked_fill` then a scale, as before, read and wrote x twice and
-   took 2.1-4.3x as long; the scale is fp32, not rounded to bf16).
+   to the activation's dtype. The masked_fill-then-scale it replaced read and wrote x twice
+   (2.1-4.3x as long) and gave the same values for finite x; the scale is fp32, not rounded to bf16.
 5. **A reused word-embedding gradient** (`BufferedEmbedding`). The gradient of a 30522 x 384
    embedding is a dense 47 MB tensor of which a batch touches a few hundred rows; `nn.Embedding`
    allocates and zero-fills a fresh one in every backward (fresh pages from the OS, zeroed
@@ -75,15 +75,15 @@ def keep_scale(shape: torch.Size, p: float, device: torch.device) -> torch.Tenso
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
     threshold = levels - 32768  # the int16 word w stands for w + 32768 in [0, 65536)
     # the compare writes 1.0 / 0.0 straight into fp32 (2.3x faster than a bool mask, then a cast)
-    keep = torch.ge(words.view(torch.int16)[:n], threshold, out=torch.empty(n, device=device))
+    keep = torch.ge(words.view(torch.int16)[:n], threshold, out=torch.empty(n, dtype=torch.float32, device=device))
     return keep.mul_(scale).view(shape)
 
 
-def _scaled(x: torch.Tensor, keep_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x * keep_scale computed in fp32 and written in `dtype`: one pass, each value rounded once
+def _scaled(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x * scale (a keep_scale mask) computed in fp32 and written in `dtype`: one pass, each value rounded once
     (bf16 x: the values of x.mul(keep).mul_(1 / (1 - p)), the Python-float scale applied in fp32).
     A dropped element is x * 0, as in nn.Dropout: -0.0 for a negative x, NaN for an inf or NaN."""
-    return torch.mul(x, keep_scale, out=torch.empty_like(x, dtype=dtype))
+    return torch.mul(x, scale, out=torch.empty_like(x, dtype=dtype))
 
 
 class _DropoutFn(torch.autograd.Function):
@@ -106,6 +106,8 @@ def dropout(x: torch.Tensor, p: float, training: bool, dtype: torch.dtype | None
     """Inverted dropout: each element kept with probability 1 - p and scaled by 1/(1 - p); the
     result in `dtype` (default: x's). `dropout(x, p, True, torch.bfloat16)` gives, bit for bit,
     `dropout(x, p, True).to(torch.bfloat16)`, forward and backward, in one pass instead of two."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if not (training and p > 0.0):
         return x if dtype is None else x.to(dtype)
     return _DropoutFn.apply(x, p, dtype)
@@ -176,6 +178,7 @@ class BufferedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        self._produced = False  # e.g. a torch.autograd.grad through the last lookup never reached _adopt
         if w.requires_grad and (self._hooked is None or self._hooked() is not w):
             w.register_post_accumulate_grad_hook(self._adopt)
             self._hooked = weakref.ref(w)
@@ -185,8 +188,8 @@ class BufferedEmbedding(nn.Module):
 
     def _adopt(self, w: torch.Tensor) -> None:
         """After autograd stored `w.grad`: keep it alive across zero_grad(set_to_none=True)."""
-        if not self._produced:
-            self._dirty = None  # a gradient built elsewhere: its rows are unknown
+        if not self._produced or w._backward_hooks:
+            self._dirty = None  # a gradient built elsewhere, or one a hook on the weight may have changed: rows unknown
         self._produced = False
         self._buffer = w.grad
 
@@ -224,8 +227,10 @@ class BufferedEmbedding(nn.Module):
         are not known: what lets gradient clipping read a few hundred rows, not all 30522
         (`optim.clip_grad_norm`)."""
         w = self.weight
-        if w.grad is None or w.grad is not self._buffer or self._dirty is None or (dist.is_available() and dist.is_initialized()):
+        if w.grad is None or w.grad is not self._buffer or self._dirty is None or w._backward_hooks:
             return None
+        if w.device.type != "cpu" or (dist.is_available() and dist.is_initialized()):
+            return None  # others add rows (all-reduce); off the CPU the exact norm is not checked
         if not self._dirty:
             return torch.zeros(0, dtype=torch.long, device=w.device)
         return torch.unique(torch.cat([d.to(w.device) for d in self._dirty]))

@@ -55,21 +55,28 @@ def clip_grad_norm(model: torch.nn.Module, params: list[torch.Tensor], max_norm:
     hundred rows (bert_fast's BufferedEmbedding keeps track of them). Zero rows add nothing to
     the norm and stay zero when scaled, so reading them is wasted: MiniLM's 30522 x 384 gradient
     cost 5 ms of a 135 ms CPU step to clip. The norms accumulate in double on the CPU, so the
-    gathered rows give the full matrix's norm to the last bit in practice (tests/test_bert.py)."""
+    gathered rows give the full matrix's norm to the last bit in practice (tests/test_bert.py).
+    A NaN norm scales every element, as torch's does (0 * NaN is NaN). Not the deprecated
+    `torch.nn.utils.clip_grad_norm`: this one takes the model too, to ask it for the rows."""
     rows = {}
     for m in model.modules():
         if callable(getattr(m, "grad_rows", None)) and (r := m.grad_rows()) is not None:
             rows[id(m.weight)] = r
-    if not rows:  # the common case: torch's own, which also knows DTensors (FSDP) and other devices
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if not rows or total_norm is None:  # the common case: torch's own, which also knows DTensors (FSDP)
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     with torch.no_grad():
         params = [p for p in params if p.grad is not None]
-        grads = [p.grad.index_select(0, rows[id(p)]) if id(p) in rows else p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        sel = [rows.get(id(p)) for p in params]
+        grads = [p.grad if r is None else p.grad.index_select(0, r) for p, r in zip(params, sel)]
+        norm = total_norm(grads, 2.0)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # torch's formula, to the letter
-        for p, g in zip(params, grads):
-            if id(p) in rows:  # the selected rows scaled, then put back
-                p.grad.index_copy_(0, rows[id(p)], g.mul_(coef))
-            else:
+        if torch.isnan(norm):  # every element times NaN, the rows never touched too
+            sel = [None] * len(params)
+            grads = [p.grad for p in params]
+        for p, g, r in zip(params, grads, sel):
+            if r is None:
                 g.mul_(coef)
+            else:  # the selected rows scaled, then put back
+                p.grad.index_copy_(0, r, g.mul_(coef))
     return norm

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from minilab.bert import BertConfig, BertForSequenceClassification, BertModel  # noqa: E402
 from minilab.bert import BertSelfAttention  # noqa: E402
-from minilab.bert_fast import BufferedEmbedding, Dropout, PackedBertModel, keep_scale, speed_up  # noqa: E402
+from minilab.bert_fast import BufferedEmbedding, Dropout, PackedBertModel, dropout, keep_scale, speed_up  # noqa: E402
 from minilab import bert_fast  # noqa: E402
 from minilab.bert_tokenizer import load_bert_tokenizer  # noqa: E402
 from minilab.weights import load_bert_classifier, load_bert_weights, save_bert_classifier  # noqa: E402
@@ -279,12 +279,17 @@ def test_dropout_mask_uses_every_word_of_a_draw_and_the_float_way_where_the_grid
 
 def test_dropout_gives_the_values_of_multiplying_by_the_mask():
     """One multiply by an fp32 keep * 1/(1 - p): bit for bit x * keep, then the fp32 scale, rounded
-    once (what masked_fill then a scale gave before), forward and backward, in bf16 and fp32; a
-    dropped element is x * 0, as in nn.Dropout (-0.0 for a negative x, NaN for an inf)."""
+    once, forward and backward, in bf16 and fp32 (for finite x the values masked_fill then a scale
+    gave before); a dropped element is x * 0, as in nn.Dropout (-0.0 for a negative x, NaN for an
+    inf, whether kept or dropped)."""
+    torch.manual_seed(5)
+    dropped = ~(keep_scale(torch.Size([64, 33]), 0.1, torch.device("cpu")) > 0)
+    d, k = dropped.flatten().nonzero().squeeze(1), (~dropped).flatten().nonzero().squeeze(1)
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         x = torch.randn(64, 33, dtype=dtype)
-        x[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+        x.view(-1)[d[:3]] = torch.tensor([float("inf"), float("-inf"), -0.0], dtype=dtype)  # dropped
+        x.view(-1)[k[:3]] = torch.tensor([float("inf"), float("nan"), -0.0], dtype=dtype)  # kept
         x.requires_grad_()
         g = torch.randn(64, 33, dtype=dtype)
         torch.manual_seed(5)
@@ -299,6 +304,9 @@ def test_dropout_gives_the_values_of_multiplying_by_the_mask():
                                want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
         assert 0 < (y == 0).sum() < x.numel()
         assert torch.signbit(y[~keep & (x.detach() < 0)]).all()  # -0.0, as nn.Dropout gives
+        assert y.view(-1)[d[:2]].isnan().all() and y.view(-1)[k[0]].isinf()  # a dropped inf is NaN
+    with pytest.raises(ValueError, match=r"in \[0, 1\), got 1.0"):
+        dropout(x, 1.0, True)  # nn.Dropout would zero everything; a BERT config saying so is a mistake
 
 
 def test_dropout_into_another_dtype_is_dropout_then_the_cast():
@@ -645,8 +653,10 @@ def test_buffered_embedding_recovers_from_writes_it_did_not_make():
 def test_clipping_reads_only_the_embedding_rows_a_batch_touched_and_matches_torch(monkeypatch):
     """optim.clip_grad_norm reads and scales only the word-embedding rows BufferedEmbedding says may
     be non-zero, and gives torch.nn.utils.clip_grad_norm_'s norm and gradients bit for bit: over
-    steps that clip, steps that do not, two micro-batches in one step, and an eval-mode backward
-    (rows unknown: torch's own path). The sampled ids leave most of the 300 rows untouched."""
+    steps that clip, steps that do not, two micro-batches in one step, an eval-mode backward and a
+    hook on the embedding weight that changes every row (rows unknown: torch's own path), and a NaN
+    gradient (torch scales every element, untouched rows too, by NaN); the steps after each must
+    know their rows again. The sampled ids leave most of the 300 rows untouched."""
     from minilab import optim
 
     torch.manual_seed(0)
@@ -659,15 +669,20 @@ def test_clipping_reads_only_the_embedding_rows_a_batch_touched_and_matches_torc
     real_clip = torch.nn.utils.clip_grad_norm_
     used_torch = []
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: used_torch.append(1) or real_clip(*a, **k))
-    for step, (max_norm, micro, train) in enumerate([(0.05, 1, True), (1e9, 1, True), (0.05, 2, True),
-                                                     (0.05, 1, False), (0.05, 1, True)]):
+    steps = [(0.05, 1, True, None), (1e9, 1, True, None), (0.05, 2, True, None), (0.05, 1, False, None),
+             (0.05, 1, True, None), (0.05, 1, True, "hook"), (0.05, 1, True, None), (0.05, 1, True, "nan"),
+             (0.05, 1, True, None)]
+    for step, (max_norm, micro, train, twist) in enumerate(steps):
         model.zero_grad(set_to_none=True)
         model.train(train)
+        hook = word.weight.register_hook(lambda grad: grad + 0.01) if twist == "hook" else None
         touched = set()
         for _ in range(micro):
             ids = torch.randint(1, 300, (3, 6), generator=g)
             touched |= set(ids.flatten().tolist())
             model(ids, torch.ones_like(ids)).logsumexp(-1).sum().backward()
+        if twist == "nan":
+            params[-1].grad[0] = float("nan")
         copies = [torch.nn.Parameter(p.detach().clone()) for p in params]  # torch's clipping, on copies
         for c, p in zip(copies, params):
             c.grad = p.grad.clone()
@@ -675,14 +690,20 @@ def test_clipping_reads_only_the_embedding_rows_a_batch_touched_and_matches_torc
         rows = word.grad_rows()
         used_torch.clear()
         norm = optim.clip_grad_norm(model, params, max_norm)
-        if train:
+        if hook is not None:
+            hook.remove()
+        if train and twist != "hook":
             assert rows is not None and set(rows.tolist()) == touched and not used_torch, step
-        else:  # autograd's own embedding gradient: rows unknown, torch's path
+        else:  # autograd's own embedding gradient, or one a hook changed: rows unknown, torch's path
             assert rows is None and used_torch, step
-        assert torch.equal(norm, want_norm), step
+        same = dict(rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(norm, want_norm, **same, msg=f"step {step}")
         for p, c in zip(params, copies):
-            assert torch.equal(p.grad, c.grad), step
-    assert float(want_norm) > 0.05  # the clipping steps clipped
+            torch.testing.assert_close(p.grad, c.grad, **same, msg=f"step {step}")
+        if twist == "nan":
+            assert word.weight.grad.isnan().all()
+        else:
+            assert float(norm) > 0.05 or max_norm > 1  # the clipping steps clipped
 
 
 def test_fast_parts_are_chosen_by_device():
