@@ -48,8 +48,9 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 def clip_grad_norm(model: torch.nn.Module, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_(params, max_norm)`: the gradients' total 2-norm, and every
     gradient scaled by min(1, max_norm / (norm + 1e-6)). The same norms and the same scaling, but a
-    module that knows which rows of its weight's gradient can be non-zero (a `grad_rows()` method
-    that returns them, or None when it does not know) has only those rows read and scaled.
+    module that knows which rows of its `weight`'s gradient can be non-zero (a `grad_rows()` method
+    that returns them for `module.weight`, or None when it does not know) has only those rows read
+    and scaled.
 
     Why: a word embedding's gradient is a dense (V, H) matrix of which a batch touches a few
     hundred rows (bert_fast's BufferedEmbedding keeps track of them). Zero rows add nothing to
