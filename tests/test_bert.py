@@ -650,6 +650,27 @@ def test_buffered_embedding_recovers_from_writes_it_did_not_make():
     assert ours.weight.grad.isfinite().all()
 
 
+def test_buffered_embedding_rows_stay_honest_after_autograd_grad():
+    """torch.autograd.grad through the buffered lookup builds a gradient that is never stored as
+    weight.grad (no post-accumulate hook runs). A later eval-mode backward's dense gradient must then
+    count as one the module did not build: its rows are unknown, so clipping takes torch's path
+    and gives torch's norm, not the norm of the rows the autograd.grad call touched."""
+    from minilab import optim
+
+    ref, ours = embedding_pair(seed=6)
+    ids = torch.tensor([[3, 5, 7]])
+    (g,) = torch.autograd.grad(ours(ids).sum(), [ours.weight])  # train mode: the buffered path
+    assert set(g.abs().sum(1).nonzero().flatten().tolist()) == {3, 5, 7}
+    ours.eval()
+    other = torch.tensor([[10, 11]])
+    ours(other).pow(2).sum().backward()  # autograd's own F.embedding gradient: rows 10 and 11
+    ref(other).pow(2).sum().backward()
+    assert ours.grad_rows() is None
+    want = torch.nn.utils.clip_grad_norm_([ref.weight], 0.1)
+    torch.testing.assert_close(optim.clip_grad_norm(ours, [ours.weight], 0.1), want, rtol=0, atol=0)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=0, atol=0)
+
+
 def test_clipping_reads_only_the_embedding_rows_a_batch_touched_and_matches_torch(monkeypatch):
     """optim.clip_grad_norm reads and scales only the word-embedding rows BufferedEmbedding says may
     be non-zero, and gives torch.nn.utils.clip_grad_norm_'s norm and gradients bit for bit: over
