@@ -227,7 +227,7 @@ class BufferedEmbedding(nn.Module):
         are not known: what lets gradient clipping read a few hundred rows, not all 30522
         (`optim.clip_grad_norm`)."""
         w = self.weight
-        if w.grad is None or w.grad is not self._buffer or self._dirty is None or w._backward_hooks:
+        if w.grad is None or w.grad is not self._buffer or self._dirty is None:  # (_adopt: None after a hook)
             return None
         if w.device.type != "cpu" or (dist.is_available() and dist.is_initialized()):
             return None  # others add rows (all-reduce); off the CPU the exact norm is not checked
