@@ -208,3 +208,34 @@ def test_pair_weights_are_inverse_label_frequency_with_mean_one():
     assert w == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
     assert sum(w) / len(w) == pytest.approx(1.0)
     assert sum(x for x, (_, y, _) in zip(w, pairs) if y == 1) == pytest.approx(w[3])  # each label the same total
+
+
+def test_a_fresh_adapter_scores_and_decodes_as_the_base_model_to_the_bit():
+    """Zero-shot evaluation runs with the adapters off (train_dpo.zero_shot). That is only the same
+    result as before when a fresh LoRA adds exactly nothing: B = 0, so each layer's `y + 0` is y.
+    Checked in bf16 autocast, as the lab evaluates, on weights big enough to make every bit count."""
+    from minilab.lora import apply_lora, disable_adapters
+
+    model = _tiny_model().to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    apply_lora(model, r=4, alpha=8)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(4, 50, (n,), generator=g).tolist() for n in (7, 3, 5)]
+    tok = _Tok()
+
+    def go():
+        return classify(model, tok, [5, 6], prompts, [[20, 3], [21, 22, 3]], "cpu",
+                        torch.autocast("cpu", dtype=torch.bfloat16), batch_size=2, gen_tokens=6)
+
+    on = go()
+    with disable_adapters(model):
+        off = go()
+    assert on == off  # the scores as floats, the predictions and the texts
+    with torch.no_grad():  # and the check can fail: an adapter that is not zero moves the scores
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert go()[1] != off[1]

@@ -254,3 +254,34 @@ def test_zero_shot_scores_are_evaluated_once_per_task_and_prompt_across_seeds_an
     assert "read from" not in line and fresh == dpo and kept("ref-fresh") == kept("ref")
     _, line = go("shorter", "ref", "--max-new-tokens", "2")
     assert "read from" not in line and len(kept("ref")) == 2
+
+
+def test_zero_shot_evaluates_the_base_model_with_the_adapters_off(tmp_path, tiny_steam, tiny_llama, monkeypatch):
+    """Step 5 streams and scores with every adapter off (as the reference pass does), whatever the
+    adapters hold, and puts them back on for training. A fresh adapter adds exactly zero, so this
+    changes no score (test_lmclassifier checks that to the bit); it skips the adapters' matmuls."""
+    sys.path.insert(0, str(REPO))
+    import train_dpo
+    from minilab.lora import lora_layers
+
+    args = train_dpo.parse_args(["--data", str(tiny_steam), "--model", str(tiny_llama), "--test-limit", "4",
+                                 "--stream-examples", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "out"),
+                                 "--checkpoint-dir", str(tmp_path / "ck"), "--ref-cache", str(tmp_path / "ref"),
+                                 "--no-progress"])
+    run = train_dpo.setup(args)
+    train_dpo.load_model(run), train_dpo.add_lora(run), train_dpo.prepare(run)
+    layers = list(lora_layers(run.model).values())
+    seen = []
+
+    def spy(real):
+        def f(r, model, *a):
+            seen.append((real.__name__, [layer.disabled for layer in layers]))
+            return real(r, model, *a)
+        return f
+
+    monkeypatch.setattr(train_dpo, "stream_examples", spy(train_dpo.stream_examples))
+    monkeypatch.setattr(train_dpo, "evaluate_test", spy(train_dpo.evaluate_test))
+    train_dpo.zero_shot(run)
+    assert [name for name, _ in seen] == ["stream_examples", "evaluate_test"] and len(layers) > 0
+    assert all(all(off) for _, off in seen), seen
+    assert not any(layer.disabled for layer in layers)  # on again for training
