@@ -221,7 +221,6 @@ def test_a_fresh_adapter_scores_and_decodes_as_the_base_model_to_the_bit():
         for p in model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.3)
-    apply_lora(model, r=4, alpha=8)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(4, 50, (n,), generator=g).tolist() for n in (7, 3, 5)]
     tok = _Tok()
@@ -230,12 +229,17 @@ def test_a_fresh_adapter_scores_and_decodes_as_the_base_model_to_the_bit():
         return classify(model, tok, [5, 6], prompts, [[20, 3], [21, 22, 3]], "cpu",
                         torch.autocast("cpu", dtype=torch.bfloat16), batch_size=2, gen_tokens=6)
 
+    base = go()  # the model before it has adapters: the scores as floats, the predictions and the texts
+    apply_lora(model, r=4, alpha=8)
+    model.eval()
     on = go()
     with disable_adapters(model):
         off = go()
-    assert on == off  # the scores as floats, the predictions and the texts
-    with torch.no_grad():  # and the check can fail: an adapter that is not zero moves the scores
+    assert on == base and off == base
+    with torch.no_grad():  # an adapter that is not zero moves the scores, and switching it off undoes that
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    assert go()[1] != off[1]
+    assert go()[1] != base[1]
+    with disable_adapters(model):
+        assert go() == base
