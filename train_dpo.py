@@ -412,18 +412,15 @@ def zero_shot(run: Run) -> None:
     run.model.eval()
     with disable_adapters(run.model):
         run.before = stream_examples(run, run.model)
-    t_eval = time.time()
-    path, reuse = run.checkpointer.dir / "zero_shot.json", run.checkpointer.meta is not None
-    if run.args.objective != "head":
-        n = run.test_n
-        key = zero_shot_key(run.model_id, run.model, run.amp_dtype, run.prefix, run.prompts["test"][:n],
-                            run.data.test.labels[:n], run.answers, run.fmt.answers, run.args.max_new_tokens, run.device)
-        path, reuse = Path(run.args.ref_cache) / f"{run.data.task}-zero-shot-{key}.json", True
-    def evaluate():
-        with disable_adapters(run.model):
-            return list(evaluate_test(run, run.model)[:2])
-
-    (run.zero_shot, run.zero_gen), run.zero_shot_cached = kept_json(path, evaluate, reuse=reuse)
+        t_eval = time.time()
+        path, reuse = run.checkpointer.dir / "zero_shot.json", run.checkpointer.meta is not None
+        if run.args.objective != "head":
+            n = run.test_n
+            key = zero_shot_key(run.model_id, run.model, run.amp_dtype, run.prefix, run.prompts["test"][:n],
+                                run.data.test.labels[:n], run.answers, run.fmt.answers, run.args.max_new_tokens, run.device)
+            path, reuse = Path(run.args.ref_cache) / f"{run.data.task}-zero-shot-{key}.json", True
+        (run.zero_shot, run.zero_gen), run.zero_shot_cached = kept_json(
+            path, lambda: list(evaluate_test(run, run.model)[:2]), reuse=reuse)
     run.zero_shot_file = path
     run.zero_shot_seconds = time.time() - t_eval
 

@@ -4,8 +4,8 @@
   batch, in a safetensors file named by a hash of everything they depend on (`reference_key`), in
   `--ref-cache`. A repeated run with the same model, data, prompt and pairs reads them back.
 * **The zero-shot scores** (`kept_json`): the untrained model's label scoring and free generation
-  on test. They depend on neither the seed nor the objective's training (they are computed with the
-  adapters off, and a fresh LoRA adds exactly zero anyway), so they are kept in `--ref-cache` too, by a hash of what they do depend on
+  on test, computed with the adapters off. They depend on neither the seed nor the objective's
+  training, so they are kept in `--ref-cache` too, by a hash of what they do depend on
   (`zero_shot_key`): the DPO, SFT and SimPO runs of a task, and its seeds, evaluate them once. A head's
   zero-shot depends on its random head, so it is kept in the run's checkpoint folder only, where a
   resumed run reads it back.

@@ -260,7 +260,7 @@ def test_zero_shot_evaluates_the_base_model_with_the_adapters_off(tmp_path, tiny
     """Step 5 streams and scores with every adapter off (as the reference pass does), whatever the
     adapters hold, and puts them back on for training. A fresh adapter adds exactly zero, so this
     changes no score (test_lmclassifier checks that to the bit); it skips the adapters' matmuls."""
-    sys.path.insert(0, str(REPO))
+    monkeypatch.syspath_prepend(str(REPO))
     import train_dpo
     from minilab.lora import lora_layers
 
@@ -269,7 +269,9 @@ def test_zero_shot_evaluates_the_base_model_with_the_adapters_off(tmp_path, tiny
                                  "--checkpoint-dir", str(tmp_path / "ck"), "--ref-cache", str(tmp_path / "ref"),
                                  "--no-progress"])
     run = train_dpo.setup(args)
-    train_dpo.load_model(run), train_dpo.add_lora(run), train_dpo.prepare(run)
+    train_dpo.load_model(run)
+    train_dpo.add_lora(run)
+    train_dpo.prepare(run)
     layers = list(lora_layers(run.model).values())
     seen = []
 
