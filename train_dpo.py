@@ -52,7 +52,7 @@ from minilab.tracking import Tracker
 from minilab.distributed import pick_device
 from minilab.optim import set_seed
 from minilab.options import TrainConfig, TrainResult, add_train_args, config_dict, make_checkpointer, pick, train_config_from_args
-from minilab.precision import autocast, precision_name, precision_tag, resolve_precision
+from minilab.precision import autocast, precision_name, precision_note, precision_tag, resolve_precision
 from minilab.train import train
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -362,7 +362,8 @@ def load_model(run: Run) -> None:
         dtype = "bfloat16" if run.amp_dtype == torch.bfloat16 else "float32"
     run.dtype = getattr(torch, dtype)
     run.checkpointer = make_checkpointer(args, data.task, args.name, run.cfg, model_id=run.model_id,
-                                         base_dtype=str(run.dtype), data_source=data.source, spec=repr(data.spec))
+                                         base_dtype=str(run.dtype), data_source=data.source, spec=repr(data.spec),
+                                         autocast=precision_tag(run.amp_dtype))
     run.save_dir = Path(args.save_dir or Path("runs") / data.task / f"{args.name}-adapter")
     protect, outputs = [data.source, run.model_id], [run.checkpointer.dir, args.ref_cache, args.out]
     check_output_folder(run.save_dir, protect, outputs=outputs)
@@ -620,7 +621,8 @@ def _loss_curve(args, num_labels: int) -> tuple:
 def main(argv=None) -> int:
     run = setup(parse_args(argv))
     args, cfg, data = run.args, run.cfg, run.data
-    print(f"[1/10] setup: device {run.device}, precision {precision_name(run.amp_dtype)}, seed {cfg.seed}; "
+    print(f"[1/10] setup: device {run.device}, precision {precision_name(run.amp_dtype)}"
+          f"{precision_note(cfg.precision, run.device, run.amp_dtype)}, seed {cfg.seed}; "
           f"task {data.task} from {data.source} {data.sizes()}")
 
     load_model(run)

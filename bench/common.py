@@ -66,6 +66,20 @@ def machine() -> dict:
     }
 
 
+def add_precision_arg(parser) -> None:
+    """--precision: the autocast every stack of a benchmark runs in, the same for all of them."""
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="autocast of every stack (default auto: what train_bert.py and train_dpo.py pick on this "
+                             "CPU, bf16 where oneDNN runs bf16 matmuls, else fp32; minilab/precision.py)")
+
+
+def bench_amp(precision: str) -> torch.dtype | None:
+    """The CPU autocast dtype of a benchmark's --precision (None: fp32), as the lab's scripts resolve it."""
+    from minilab.precision import resolve_precision
+
+    return resolve_precision(precision, torch.device("cpu"))[0]
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

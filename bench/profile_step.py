@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # (Not named profile.py: bench/ is first on sys.path for every script here, and a bench/profile.py
 # would stand in for the standard library's `profile`, which cProfile, and so torch, imports.)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, load_warning  # noqa: E402,F401  (REPO: puts the repository on sys.path)
+from common import REPO, add_precision_arg, bench_amp, load_warning  # noqa: E402,F401  (REPO: puts the repository on sys.path)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -151,16 +151,25 @@ def breakdown(prof, wall_seconds: float, steps: int) -> tuple[dict[str, float], 
 # The two steps: each returns (trainer, the micro-batch groups to step on, a title)
 
 
-def _trainer(model, batches, loss_fn, preset: dict, steps: int, batch_examples=len):
+def _trainer(model, batches, loss_fn, preset: dict, steps: int, amp, batch_examples=len):
     from minilab.progress import Progress
     from minilab.train import TrainConfig, Trainer
 
+    from minilab.precision import precision_tag
+
     values = {k: v for k, v in preset.items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{**values, "max_steps": steps, "progress": False, "log_every": 10**9, "seed": 0})
+    cfg = TrainConfig(**{**values, "max_steps": steps, "progress": False, "log_every": 10**9, "seed": 0,
+                         "precision": precision_tag(amp)})
     trainer = Trainer(model, lambda epoch: batches, loss_fn, cfg, torch.device("cpu"), batch_examples=batch_examples)
     trainer.progress = Progress(cfg.max_steps, 0, False)  # train_step reports a skipped step through it
     model.train()  # as Trainer.run does (dropout, bert_fast's training paths)
     return trainer
+
+
+def _amp_name(args) -> str:
+    from minilab.precision import precision_name
+
+    return precision_name(bench_amp(args.precision))
 
 
 def setup_bert(args, n_batches: int):
@@ -170,7 +179,7 @@ def setup_bert(args, n_batches: int):
     preset = PRESETS["cpu"]
     torch.set_float32_matmul_precision("high")  # as train_bert.py (a no-op for the CPU's bf16 matmuls)
     bargs = bench_bert.parse_args(["--data", str(args.data), "--batch-size", str(preset["batch_size"]),
-                                   "--max-length", str(preset["max_length"])])
+                                   "--max-length", str(preset["max_length"]), "--precision", args.precision])
     ours, plain, theirs, pad, labels, ids, batches, model_dir = bench_bert.prepare(bargs)  # ours: bert_fast on
     del plain, theirs
     batches = (batches * (n_batches // len(batches) + 1))[:n_batches]
@@ -179,10 +188,10 @@ def setup_bert(args, n_batches: int):
         logits = model(**pad(idx))
         return F.cross_entropy(logits.float(), labels[idx]), {}
 
-    trainer = _trainer(ours, batches, loss_fn, preset, n_batches)
+    trainer = _trainer(ours, batches, loss_fn, preset, n_batches, bench_amp(args.precision))
     tokens = sum(len(ids[i]) for b in batches for i in b) / len(batches)
     title = (f"BERT step: all-MiniLM-L6-v2 + bert_fast, sst2 batch {preset['batch_size']} (max length "
-             f"{preset['max_length']}, {tokens:.0f} real tokens a step on average), bf16 autocast, fused AdamW")
+             f"{preset['max_length']}, {tokens:.0f} real tokens a step on average), {_amp_name(args)}, fused AdamW")
     return trainer, [[b] for b in batches], title
 
 
@@ -200,11 +209,13 @@ def setup_dpo(args, n_batches: int):
     dargs = bench_dpo.parse_args(["--data", str(args.data), "--pairs", str(bs * n_batches), "--warmup-steps", "0",
                                   "--batch-size", str(bs), "--max-text-tokens", str(preset["max_text_tokens"])])
     # train_dpo.py's dtype "auto": the frozen base in bf16 when its matmuls run under bf16 autocast; LoRA fp32
-    model, tokenizer = load_llama(str(bench_dpo.gguf_path(dargs)), dtype=torch.bfloat16)
+    amp = bench_amp(args.precision)
+    base = torch.bfloat16 if amp == torch.bfloat16 else torch.float32
+    model, tokenizer = load_llama(str(bench_dpo.gguf_path(dargs)), dtype=base)
     apply_lora(model, r=preset["lora_rank"], alpha=preset["lora_alpha"], dropout=0.0)  # train_dpo.py: --lora-dropout 0
     fmt, prefix, prompts, answers, pairs, batches = bench_dpo.prepare(dargs, tokenizer)
     prefix_ids = torch.tensor([prefix])
-    with autocast(torch.device("cpu"), torch.bfloat16):
+    with autocast(torch.device("cpu"), amp):
         refs = reference_logps(model, batches, prefix_ids=prefix_ids)
 
     def loss_fn(model, bi):  # train_dpo.py's, with its cpu preset's beta and chosen-NLL weight
@@ -217,12 +228,12 @@ def setup_dpo(args, n_batches: int):
                                  rpo_alpha=preset["rpo_alpha"], chosen_lengths=chosen_lengths, weights=b["weights"])
         return loss, {k: v.item() for k, v in metrics.items()}
 
-    trainer = _trainer(model, list(range(len(batches))), loss_fn, preset, len(batches),
+    trainer = _trainer(model, list(range(len(batches))), loss_fn, preset, len(batches), amp,
                        batch_examples=lambda bi: batches[bi]["n_pairs"])
     positions = sum(b["prompt_ids"].numel() + b["answer_ids"].numel() for b in batches) / len(batches)
-    title = (f"DPO step: SmolLM2-135M-Instruct (bf16 base) + LoRA r={preset['lora_rank']} on q/k/v/o, {bs} sst2 pairs, "
+    title = (f"DPO step: SmolLM2-135M-Instruct ({str(base).removeprefix('torch.')} base) + LoRA r={preset['lora_rank']} on q/k/v/o, {bs} sst2 pairs, "
              f"shared prefix of {len(prefix)} tokens run once + {positions:.0f} prompt/answer positions a step, "
-             f"bf16 autocast, beta {preset['beta']}, chosen-NLL weight {preset['rpo_alpha']}")
+             f"{_amp_name(args)}, beta {preset['beta']}, chosen-NLL weight {preset['rpo_alpha']}")
     return trainer, [[bi] for bi in range(len(batches))], title
 
 
@@ -289,6 +300,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=default_data("sst2", hub=False), help="the sst2 folder (default: $MINILAB_DATA/sst2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="also write the tables (Markdown) to this file")
+    add_precision_arg(p)
     args = p.parse_args(argv)
     if args.data is None:
         p.error("no sst2 data found: pass --data DIR or set MINILAB_DATA")

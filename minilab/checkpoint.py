@@ -86,10 +86,18 @@ def set_rng_state(state: dict) -> None:
 ADDED_OPTIONS = {"objective": "dpo", "simpo_gamma": 0.5}
 
 
+def _autocast_before(saved: dict) -> str:
+    """The autocast dtype of a checkpoint written before it was recorded: `--precision auto` meant
+    bf16 then (it chooses fp32 now on a CPU without oneDNN bf16), any other value itself."""
+    precision = saved.get("train.precision", "auto")
+    return "bf16" if precision == "auto" else precision
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'name: saved -> current' for every config field that differs (`options.RESUME_SAFE` aside)."""
     keys = sorted((set(saved) | set(current)) - set(RESUME_SAFE))
-    old = lambda k: saved.get(k, ADDED_OPTIONS.get(k))  # noqa: E731
+    added = {**ADDED_OPTIONS, "autocast": _autocast_before(saved)}
+    old = lambda k: saved.get(k, added.get(k))  # noqa: E731
     return [f"{k}: {old(k)!r} -> {current.get(k)!r}" for k in keys if old(k) != current.get(k)]
 
 

@@ -240,3 +240,16 @@ def test_a_checkpoint_from_before_an_option_existed_still_resumes():
     assert config_differences(old, now) == []
     assert config_differences(old, {**now, "objective": "sft"}) == ["objective: 'dpo' -> 'sft'"]
     assert config_differences(old, {**now, "other": 1}) == ["other: None -> 1"]
+
+
+def test_a_checkpoint_from_before_autocast_was_recorded_resumes_in_what_it_ran():
+    """Checkpoints record the autocast dtype that --precision resolved to (auto can mean bf16 on one
+    CPU and fp32 on another). One written before that was recorded ran in bf16 under auto (auto
+    meant bf16 on every CPU then) and in its own dtype otherwise."""
+    from minilab.checkpoint import config_differences
+
+    auto, fp32 = {"train.precision": "auto"}, {"train.precision": "fp32"}
+    assert config_differences(auto, {**auto, "autocast": "bf16"}) == []
+    assert config_differences(auto, {**auto, "autocast": "fp32"}) == ["autocast: 'bf16' -> 'fp32'"]
+    assert config_differences(fp32, {**fp32, "autocast": "fp32"}) == []
+    assert config_differences({**auto, "autocast": "fp32"}, {**auto, "autocast": "fp32"}) == []

@@ -200,6 +200,30 @@ def test_resume_with_a_changed_option_is_refused_by_name(tmp_path, tiny_steam, t
     assert "lr: None -> 0.0003" in again.stderr and "train.lr: 0.0001 -> 0.0003" in again.stderr
 
 
+def _on_a_cpu(fast_bf16: bool, args):
+    """A script run as if on a CPU with (or without) oneDNN bf16 matmuls: `--precision auto` resolves accordingly."""
+    code = (f"import runpy, sys; import minilab.precision as p; p.cpu_has_fast_bf16 = lambda: {fast_bf16}; "
+            f"sys.argv = {args!r}; sys.exit(runpy.run_path({args[0]!r}, run_name='__main__'))")
+    return run(["-c", code])
+
+
+def test_resume_on_a_cpu_where_auto_means_another_precision_is_refused_by_name(tmp_path, tiny_steam, tiny_bert):
+    """A run checkpointed where auto meant bf16 and resumed where it means fp32 would go on in another
+    precision than it started in: refused by name, as any changed option is."""
+    args = _script_args("bert", tiny_steam, tiny_bert, tmp_path) + ["--max-steps", "2"]
+    first = _on_a_cpu(True, args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "precision bf16-autocast, seed" in first.stdout
+    again = _on_a_cpu(False, args + ["--resume"])
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert again.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in ")
+    assert "autocast: 'bf16' -> 'fp32'" in again.stderr and "precision:" not in again.stderr  # auto both times
+    fresh = _on_a_cpu(False, _script_args("bert", tiny_steam, tiny_bert, tmp_path / "fp32") + ["--max-steps", "2"])
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "precision fp32 (auto: this CPU has no oneDNN bf16 matmul" in fresh.stdout
+    assert json.loads((tmp_path / "fp32" / "results" / "steam" / "bert.json").read_text())["dtype"] == "fp32"
+
+
 @pytest.mark.slow
 def test_train_dpo_head_objective(tmp_path, tiny_steam, tiny_llama):
     """--objective head: a K-way head on the last prompt token, no reference pass and no generation;
