@@ -86,19 +86,30 @@ def set_rng_state(state: dict) -> None:
 ADDED_OPTIONS = {"objective": "dpo", "simpo_gamma": 0.5}
 
 
-def _autocast_before(saved: dict) -> str:
-    """The autocast dtype of a checkpoint written before it was recorded: `--precision auto` meant
-    bf16 then (it chooses fp32 now on a CPU without oneDNN bf16), any other value itself."""
+# `--precision` is compared by what it resolved to, "autocast": auto means bf16 on one CPU and fp32 on
+# another, and a run may go on under a name that resolves to what it started in (--precision bf16).
+PRECISION_KEYS = ("precision", "train.precision")
+
+
+def _autocast_before(saved: dict, current: dict) -> str:
+    """The autocast dtype of a checkpoint written before it was recorded. Its `--precision auto` meant
+    bf16 on every CPU (now fp32 on a CPU without oneDNN bf16) and what it means now on CUDA (bf16,
+    or fp16 on a card without bf16); any other value meant itself."""
     precision = saved.get("train.precision", "auto")
-    return "bf16" if precision == "auto" else precision
+    if precision != "auto":
+        return precision
+    return current["autocast"] if current.get("autocast") in ("bf16", "fp16") else "bf16"
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'name: saved -> current' for every config field that differs (`options.RESUME_SAFE` aside)."""
-    keys = sorted((set(saved) | set(current)) - set(RESUME_SAFE))
-    added = {**ADDED_OPTIONS, "autocast": _autocast_before(saved)}
+    skip = set(RESUME_SAFE) | (set(PRECISION_KEYS) if "autocast" in current else set())
+    keys = sorted((set(saved) | set(current)) - skip)
+    added = {**ADDED_OPTIONS, "autocast": _autocast_before(saved, current)}
     old = lambda k: saved.get(k, added.get(k))  # noqa: E731
-    return [f"{k}: {old(k)!r} -> {current.get(k)!r}" for k in keys if old(k) != current.get(k)]
+    return [f"{k}: {old(k)!r} -> {current.get(k)!r}"
+            + (f" (--precision {old(k)} goes on in the precision it started in)" if k == "autocast" else "")
+            for k in keys if old(k) != current.get(k)]
 
 
 def crc32_of(path: Path) -> int:

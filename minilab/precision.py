@@ -5,7 +5,9 @@ the names it goes by.
   are ~4x faster than fp32,
 * fp32 (no autocast) on a CPU without them (AVX2 only, such as AMD Zen 3): PyTorch then runs bf16
   matmuls in a generic kernel, measured at 19 GFLOP/s against fp32's 117 on SmolLM2's MLP shape
-  (896 x 576 @ 576 x 1536, 2 cores), so bf16 would make every step ~6x slower, not faster,
+  (896 x 576 @ 576 x 1536, 2 cores) and slower still on backward's transposed operands: a DPO
+  step took 46.1 s in bf16 against 2.4 s in fp32, a BERT step 7.9 s against 0.35 s (README:
+  Presets and models),
 * fp16 autocast with a gradient scaler on CUDA cards without bf16: fp16's narrow range underflows
   small gradients unless the loss is scaled up before backward (`torch.amp.GradScaler`),
 * fp32 (no autocast), or bf16 on any CPU, on request (`--precision`).
@@ -40,7 +42,7 @@ def precision_dtype(tag: str | None) -> torch.dtype | None:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU's bf16 matmuls run in oneDNN, the check PyTorch itself makes before it sends
-    a bf16 matmul there (AVX-512 or AMX); without it they run in a generic kernel, ~6x slower than fp32."""
+    a bf16 matmul there (AVX-512 or AMX); without it they run in a generic kernel, 5-20x slower than fp32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without that op: AVX-512 is what oneDNN needs
@@ -62,14 +64,14 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     if precision == "fp16":
         raise ValueError("fp16 autocast is for CUDA; on the CPU use --precision bf16 or fp32")
     if precision == "auto" and not cpu_has_fast_bf16():
-        return None, False  # fp32: bf16 would be ~6x slower on this CPU (above)
+        return None, False  # fp32: bf16 would be 5-20x slower on this CPU (above)
     return torch.bfloat16, False
 
 
 def precision_note(precision: str, device: torch.device, dtype: torch.dtype | None) -> str:
     """Why `--precision auto` chose fp32 on this CPU, for the run's setup line (else "")."""
     if precision == "auto" and device.type == "cpu" and dtype is None:
-        return " (auto: this CPU has no oneDNN bf16 matmul, so bf16 would be ~6x slower; --precision bf16 forces it)"
+        return " (auto: this CPU has no oneDNN bf16 matmul, so bf16 would be 5-20x slower; --precision bf16 forces it)"
     return ""
 
 

@@ -47,11 +47,14 @@ def read_meta(folder: Path) -> dict:
 
 
 def _amp(device: torch.device, precision: str | None):
-    from .precision import autocast, precision_dtype
+    """The autocast a model was trained in. A model trained in fp16 (CUDA's) runs on a CPU in bf16
+    where its matmuls are fast, else in fp32; one trained in bf16 stays in bf16 there, slow on a CPU
+    without oneDNN bf16, so that its predictions are the training script's own."""
+    from .precision import autocast, cpu_has_fast_bf16, precision_dtype
 
     dtype = precision_dtype(precision)
     if dtype is not None and device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.bfloat16
+        dtype = torch.bfloat16 if cpu_has_fast_bf16() else None
     return autocast(device, dtype)
 
 

@@ -244,12 +244,22 @@ def test_a_checkpoint_from_before_an_option_existed_still_resumes():
 
 def test_a_checkpoint_from_before_autocast_was_recorded_resumes_in_what_it_ran():
     """Checkpoints record the autocast dtype that --precision resolved to (auto can mean bf16 on one
-    CPU and fp32 on another). One written before that was recorded ran in bf16 under auto (auto
-    meant bf16 on every CPU then) and in its own dtype otherwise."""
+    CPU and fp32 on another), and that is what a resume compares, not the name it was asked by. One
+    written before that was recorded ran under auto in bf16 on a CPU (auto meant bf16 on every CPU
+    then) and in what auto still means on CUDA (bf16, or fp16 on a card without bf16); under any
+    other --precision in that dtype."""
     from minilab.checkpoint import config_differences
 
-    auto, fp32 = {"train.precision": "auto"}, {"train.precision": "fp32"}
+    auto, fp32 = {"train.precision": "auto", "precision": None}, {"train.precision": "fp32", "precision": "fp32"}
     assert config_differences(auto, {**auto, "autocast": "bf16"}) == []
-    assert config_differences(auto, {**auto, "autocast": "fp32"}) == ["autocast: 'bf16' -> 'fp32'"]
+    assert config_differences(auto, {**auto, "autocast": "fp16"}) == []  # auto on a CUDA card without bf16
+    assert config_differences(auto, {**auto, "autocast": "fp32"}) == [
+        "autocast: 'bf16' -> 'fp32' (--precision bf16 goes on in the precision it started in)"]
+    assert config_differences(auto, {"train.precision": "bf16", "precision": "bf16", "autocast": "bf16"}) == []
     assert config_differences(fp32, {**fp32, "autocast": "fp32"}) == []
-    assert config_differences({**auto, "autocast": "fp32"}, {**auto, "autocast": "fp32"}) == []
+    assert config_differences({**auto, "autocast": "bf16"}, {"train.precision": "bf16", "precision": "bf16",
+                                                             "autocast": "bf16"}) == []
+    assert config_differences({**auto, "autocast": "bf16"}, {**auto, "autocast": "fp32"}) == [
+        "autocast: 'bf16' -> 'fp32' (--precision bf16 goes on in the precision it started in)"]
+    # a config without "autocast" (the Trainer's own checkpoints) still compares the names
+    assert config_differences({"train.precision": "auto"}, {"train.precision": "fp32"}) == ["train.precision: 'auto' -> 'fp32'"]

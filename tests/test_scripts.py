@@ -217,7 +217,10 @@ def test_resume_on_a_cpu_where_auto_means_another_precision_is_refused_by_name(t
     again = _on_a_cpu(False, args + ["--resume"])
     assert again.returncode == 2, again.stderr[-2000:]
     assert again.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in ")
-    assert "autocast: 'bf16' -> 'fp32'" in again.stderr and "precision:" not in again.stderr  # auto both times
+    assert "autocast: 'bf16' -> 'fp32' (--precision bf16 goes on" in again.stderr and "precision:" not in again.stderr
+    named = _on_a_cpu(False, args + ["--precision", "bf16", "--resume"])  # the dtype it started in, by name
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert "precision bf16-autocast, seed" in named.stdout
     fresh = _on_a_cpu(False, _script_args("bert", tiny_steam, tiny_bert, tmp_path / "fp32") + ["--max-steps", "2"])
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "precision fp32 (auto: this CPU has no oneDNN bf16 matmul" in fresh.stdout

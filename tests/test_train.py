@@ -312,7 +312,7 @@ def test_epochs_on_the_command_line_override_the_presets_step_count():
 
 def test_auto_precision_on_the_cpu_is_bf16_only_where_onednn_runs_bf16_matmuls(monkeypatch):
     """`--precision auto` on a CPU: bf16 autocast where PyTorch sends bf16 matmuls to oneDNN (AVX-512,
-    AMX), plain fp32 where it has no such kernel (AVX2 only: bf16 ~6x slower there, not faster). An
+    AMX), plain fp32 where it has no such kernel (AVX2 only: bf16 5-20x slower there, not faster). An
     explicit --precision bf16 is obeyed on either, and the run's setup line says why auto chose fp32."""
     import minilab.precision as precision
     from minilab.precision import precision_note, resolve_precision
