@@ -199,7 +199,8 @@ def measure_memory(args) -> dict[str, dict]:
     out = {}
     for key, name in (("ours", OURS), ("theirs", THEIRS)):
         cmd = [sys.executable, __file__, "--memory-child", key, "--data", str(args.data), "--batch-size",
-               str(args.batch_size), "--max-length", str(args.max_length), "--memory-steps", str(args.memory_steps), "--precision", args.precision]
+               str(args.batch_size), "--max-length", str(args.max_length), "--memory-steps", str(args.memory_steps),
+               "--precision", precision_tag(AMP)]  # what this process resolved, so that the child cannot differ
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)

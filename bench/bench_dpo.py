@@ -8,9 +8,9 @@ in the same precision (`--precision`, default auto: what `train_dpo.py` runs in 
 autocast where oneDNN has bf16 matmuls, fp32 where it has not), with AdamW at the same learning
 rate, beta 0.1 and the sigmoid loss. The frozen base weights are dequantised to fp32 and, under bf16
 autocast, held in bf16 in both, as `train_dpo.py`'s cpu preset holds them (its `--dtype auto`); the
-LoRA weights are fp32 in both (PEFT's default for a bf16 base). `--dtype float32` with bf16 keeps
-both stacks' base weights in fp32 instead, which autocast then casts to bf16 at every call: what
-this bench measured before commit 82b8242, a configuration the lab never runs.
+LoRA weights are fp32 in both (PEFT's default for a bf16 base). `--dtype float32` under bf16 autocast
+keeps both stacks' base weights in fp32 instead, which autocast then casts to bf16 at every call:
+what this bench measured before commit 82b8242, a configuration the lab never runs.
 
 * ours:   `train_dpo.py`'s recipe: `load_llama(gguf)`, `apply_lora`, prompts from `PromptBuilder`
           (the shared instruction prefix run once per batch, its KV cache shared by all prompts,
@@ -69,7 +69,7 @@ from common import DPO_STEADY_GOAL, REPO, add_precision_arg, bench_amp, goal_lin
 import torch  # noqa: E402
 
 from minilab.data import default_data  # noqa: E402
-from minilab.precision import precision_name  # noqa: E402
+from minilab.precision import precision_name, precision_tag  # noqa: E402
 from minilab.report import markdown_table  # noqa: E402
 from minilab.results import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 
@@ -164,7 +164,7 @@ def run_ours(args) -> dict:
     from minilab.scoring import answer_logps
     from minilab.weights import load_llama
     from minilab.lora import apply_lora, count_parameters
-    from minilab.precision import autocast, precision_tag
+    from minilab.precision import autocast
     from minilab.train import TrainConfig, train
 
     device = torch.device("cpu")
@@ -407,7 +407,7 @@ def run_stack(args, stack: str) -> dict:
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--beta", str(args.beta),
            "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_alpha),
            "--max-text-tokens", str(args.max_text_tokens), "--hf-dir", str(args.hf_dir), "--dtype", args.dtype,
-           "--precision", args.precision]
+           "--precision", precision_tag(bench_amp(args.precision))]  # resolved here: every worker runs the same
     if args.gguf:
         cmd += ["--gguf", args.gguf]
     env = dict(os.environ)
