@@ -161,17 +161,23 @@ def score_answers(model: nn.Module, prompts: Prefilled, answer_ids: torch.Tensor
     """
     n = _check_answers(answer_ids, answer_mask, prompts.h_last.shape[0])
     answer_mask = answer_mask.long()
-    # Share each prompt's cache with its n answers (a new cache: the prompts' own is left intact).
-    cache = prompts.cache.repeat_interleave(n)
-    # All answers at once, continuing the positions where each prompt stopped.
-    Ta = answer_ids.shape[1]
-    answer_pos = prompts.next_pos.repeat_interleave(n)[:, None] + torch.arange(Ta, device=answer_ids.device)  # (B*n, Ta)
-    full_mask = torch.cat([prompts.mask.repeat_interleave(n, dim=0), answer_mask], dim=1)  # (B*n, P + Tp + Ta)
-    h_answer = model.hidden_states(answer_ids, attention_mask=full_mask, position_ids=answer_pos, cache=cache)  # (B*n, Ta, D)
     # Token j of an answer is predicted by the state just before it: the prompt's last state for
-    # j = 0, the answer's state j - 1 after that.
+    # j = 0, the answer's state j - 1 after that. So the last column is only ever a target: no
+    # state of it is read, and the model runs the first Ta - 1 columns (a label word and its
+    # end-of-turn token: one column, not two).
     h_last = prompts.h_last.repeat_interleave(n, dim=0)  # (B*n, D)
-    h_pred = torch.cat([h_last[:, None], h_answer[:, :-1]], dim=1)  # (B*n, Ta, D)
+    Ta = answer_ids.shape[1]
+    if Ta > 1:
+        inputs = answer_ids[:, :-1]  # (B*n, Ta - 1)
+        # Share each prompt's cache with its n answers (a new cache: the prompts' own is left intact).
+        cache = prompts.cache.repeat_interleave(n)
+        # All answers at once, continuing the positions where each prompt stopped.
+        answer_pos = prompts.next_pos.repeat_interleave(n)[:, None] + torch.arange(Ta - 1, device=answer_ids.device)
+        full_mask = torch.cat([prompts.mask.repeat_interleave(n, dim=0), answer_mask[:, :-1]], dim=1)  # (B*n, S + Ta - 1)
+        h_answer = model.hidden_states(inputs, attention_mask=full_mask, position_ids=answer_pos, cache=cache)  # (B*n, Ta - 1, D)
+        h_pred = torch.cat([h_last[:, None], h_answer], dim=1)  # (B*n, Ta, D)
+    else:  # one-token answers: the prompt's last state predicts them all
+        h_pred = h_last[:, None]  # (B*n, 1, D)
     sel = answer_mask.bool()
     token_logps = _head_logps(model, h_pred[sel], answer_ids[sel])  # (N,) N = real answer tokens
     return _sum_per_row(token_logps, sel, normalize)

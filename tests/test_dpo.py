@@ -136,6 +136,7 @@ def test_separate_scoring_matches_full_logits_by_hand():
 @pytest.mark.parametrize("prompt_lens,answer_lens", [
     ([5, 2, 7], [1, 4, 3, 3, 2, 1]),  # DPO pairs: n = 2 (chosen, rejected) per prompt
     ([3, 6], [2, 1, 3, 1, 4, 2]),  # K = 3 label answers per prompt
+    ([4, 2], [1, 1, 1, 1]),  # one-token answers: the prompt's last state predicts them, no answer forward
 ])
 def test_shared_prompt_equals_separate_scoring(prompt_lens, answer_lens):
     model = _tiny_llama()
@@ -150,6 +151,23 @@ def test_shared_prompt_equals_separate_scoring(prompt_lens, answer_lens):
     with torch.no_grad():
         mean = answer_logps(model, *_args(b), normalize=True)
     torch.testing.assert_close(mean, shared / torch.tensor(answer_lens, dtype=torch.float32), rtol=0, atol=1e-5)
+
+
+def test_the_last_answer_column_is_only_a_target():
+    """Answers of up to Ta tokens run Ta - 1 columns through the model: the last token's own state
+    predicts nothing. The embedding sees the prompts (B, Tp), then the answers without their last column."""
+    model = _tiny_llama()
+    b = _batch([5, 2, 7], [1, 4, 3, 3, 2, 1])  # Ta = 4
+    seen = []
+    model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        answer_logps(model, *_args(b))
+    assert seen == [(3, 7), (6, 3)]
+    seen.clear()
+    b = _batch([5, 2], [1, 1, 1, 1])
+    with torch.no_grad():
+        answer_logps(model, *_args(b))
+    assert seen == [(2, 5)]  # one-token answers: no answer forward at all
 
 
 def test_shared_prefix_equals_prepending_it_to_every_prompt():
