@@ -222,6 +222,24 @@ class KVCache:
         self.keys = [None if k is None else k.index_select(0, rows) for k in self.keys]
         self.values = [None if v is None else v.index_select(0, rows) for v in self.values]
 
+    @staticmethod
+    def concat(caches: list["KVCache"]) -> "KVCache":
+        """One cache holding the rows of several, each LEFT-padded with zero columns to the longest.
+
+        The padded columns must be masked by whoever attends to them (`scoring.Prefilled.concat`
+        pads the attention mask to match). Keys hold their rotary positions already, so moving a
+        row's columns to the right changes nothing it computes but the rounding.
+        """
+        S = max(c.seq_len for c in caches)
+
+        def left_pad(t: torch.Tensor) -> torch.Tensor:  # (B, K, s, hd) -> (B, K, S, hd)
+            return F.pad(t, (0, 0, S - t.shape[2], 0))
+
+        out = KVCache(len(caches[0].keys))
+        out.keys = [torch.cat([left_pad(c.keys[i]) for c in caches]) for i in range(len(out.keys))]
+        out.values = [torch.cat([left_pad(c.values[i]) for c in caches]) for i in range(len(out.values))]
+        return out
+
     def repeat_interleave(self, n: int) -> "KVCache":
         """A new cache whose batch rows are each repeated n times (row b -> rows b*n .. b*n+n-1)."""
         out = KVCache(len(self.keys))

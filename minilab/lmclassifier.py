@@ -21,7 +21,7 @@ import torch
 
 from .generate import greedy_continue
 from .prompts import pad
-from .scoring import prefill, run_prefix, score_answers
+from .scoring import Prefilled, prefill, run_prefix, score_answers
 
 
 def map_answer(text: str, answers: list[str]) -> int:
@@ -42,7 +42,8 @@ def map_answer(text: str, answers: list[str]) -> int:
 
 @torch.no_grad()
 def classify(model, tokenizer, prefix: list[int], prompts: list[list[int]], answers: list[list[int]], device, amp_ctx,
-             batch_size: int = 32, gen_tokens: int = 0) -> tuple[list[int], list[list[float]], list[str]]:
+             batch_size: int = 32, gen_tokens: int = 0, gen_batch_size: int = 128
+             ) -> tuple[list[int], list[list[float]], list[str]]:
     """Label scores for every prompt, and (if gen_tokens) its greedy answer.
 
     Every batch of prompts is run through the model once (`scoring.prefill`). The K label answers
@@ -50,12 +51,20 @@ def classify(model, tokenizer, prefix: list[int], prompts: list[list[int]], answ
     (`generate.greedy_continue`) then continues from the cache itself: scoring and generation
     share one prefill instead of running the prompts twice. The instruction prefix that every
     prompt shares is run once per call.
+
+    Decoding runs in bigger batches than the prefill: the prefilled rows of several batches, up to
+    `gen_batch_size`, decode together (`Prefilled.concat`). A decoding step reads every weight of
+    the model for a handful of rows, so its cost hardly depends on the rows (SmolLM2 in fp32 on 2
+    cores: 66 ms for 1 row, 165 ms for 32, 240 ms for 64), and the rows that ramble on to the
+    last token are fewer per batch than they are steps. Prefill batches stay small: their rows
+    are alike in length, so little of them is padding.
     Returns (predicted label, per-label log-likelihoods, generated text) per prompt.
     """
     K = len(answers)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding
     preds, scores, texts = [0] * len(prompts), [None] * len(prompts), [""] * len(prompts)
     ans_ids, ans_mask = (t.to(device) for t in pad(answers, tokenizer.pad_id, side="right"))  # (K, Ta)
+    held: list[tuple[list[int], Prefilled]] = []  # prefilled batches waiting to be decoded together
     with amp_ctx:
         shared = run_prefix(model, torch.tensor([prefix], device=device)) if prefix else None  # batch 1
         for start in range(0, len(order), batch_size):
@@ -69,10 +78,16 @@ def classify(model, tokenizer, prefix: list[int], prompts: list[list[int]], answ
             for j, i in enumerate(idx):
                 scores[i] = logps[j].tolist()
                 preds[i] = int(logps[j].argmax())
-            if gen_tokens:  # after scoring: decoding appends to state.cache
-                gen = greedy_continue(model, state, gen_tokens, tokenizer.eot_ids)
-                for j, i in enumerate(idx):
+            if not gen_tokens:
+                continue
+            held.append((idx, state))
+            if sum(len(i) for i, _ in held) + batch_size > gen_batch_size or start + batch_size >= len(order):
+                rows = [i for i, _ in held for i in i]
+                # scoring left each cache as it was; decoding appends to the merged one
+                gen = greedy_continue(model, Prefilled.concat([s for _, s in held]), gen_tokens, tokenizer.eot_ids)
+                for j, i in enumerate(rows):
                     texts[i] = tokenizer.decode(gen[j], skip_special=True)
+                held = []
     return preds, scores, texts
 
 

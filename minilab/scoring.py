@@ -119,6 +119,18 @@ class Prefilled:
     mask: torch.Tensor
     next_pos: torch.Tensor
 
+    @staticmethod
+    def concat(states: list["Prefilled"]) -> "Prefilled":
+        """The rows of several prefilled batches as one batch: caches and masks left-padded to the
+        longest with masked columns, so that every row still ends in the last column. Decoding
+        a few big batches costs less than many small ones (`lmclassifier.classify`)."""
+        from minilab.llama import KVCache
+
+        S = max(s.mask.shape[1] for s in states)
+        mask = torch.cat([F.pad(s.mask, (S - s.mask.shape[1], 0)) for s in states])  # (sum B, S)
+        return Prefilled(cache=KVCache.concat([s.cache for s in states]), h_last=torch.cat([s.h_last for s in states]),
+                         mask=mask, next_pos=torch.cat([s.next_pos for s in states]))
+
 
 def run_prefix(model: nn.Module, prefix_ids: torch.Tensor) -> KVCache:
     """The KV cache (batch 1) of a (1, P) prefix that every prompt shares, e.g. the instruction.

@@ -153,10 +153,14 @@ def _full_recompute_greedy(model, ids: list[int], max_new: int, stop_ids) -> lis
     return out
 
 
-def test_classify_one_prefill_equals_separate_scoring_and_decoding():
+@pytest.mark.parametrize("gen_batch_size,decode_batches", [(2, [1, 2, 1]), (4, [3, 1]), (128, [4])])
+def test_classify_one_prefill_equals_separate_scoring_and_decoding(gen_batch_size, decode_batches):
     """classify scores and decodes from ONE prefill per batch; that must change nothing: the same
     scores as the plain "prefix + prompt + answer" scoring, the same predictions, and the same
-    texts as a no-cache greedy decoder, for ragged prompts split over several batches."""
+    texts as a no-cache greedy decoder, for ragged prompts split over several batches. The
+    prefilled batches of 2 decode together up to `gen_batch_size` rows, their caches and masks
+    left-padded to the longest (`Prefilled.concat`): `decode_batches` are the rows of each
+    decoding's first step (prompt 1, in the first batch, says the stop id at once and leaves before it)."""
     from minilab.scoring import answer_logps_separate
 
     model = _tiny_model()
@@ -172,7 +176,13 @@ def test_classify_one_prefill_equals_separate_scoring_and_decoding():
     # stop at an id the tiny model does say, so that rows end at different lengths
     first = [_full_recompute_greedy(model, prefix + p, 1, ())[0] for p in prompts]
     tok.eot_ids = (first[1],)
-    preds, scores, texts = classify(model, tok, prefix, prompts, answers, "cpu", torch.no_grad(), batch_size=2, gen_tokens=7)
+    steps = []  # (rows, new tokens) of every forward call
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: steps.append(tuple(inp[0].shape)))
+    preds, scores, texts = classify(model, tok, prefix, prompts, answers, "cpu", torch.no_grad(), batch_size=2,
+                                    gen_tokens=7, gen_batch_size=gen_batch_size)
+    hook.remove()
+    # a decoding starts where a step of one token follows a call of several (a prefill or the answers)
+    starts = [rows for (rows, t), (_, before) in zip(steps[1:], steps) if t == 1 and before > 1]
 
     p_ids, p_mask = pad([prefix + p for p in prompts], 0, side="left")
     a_ids, a_mask = pad(answers * len(prompts), 0, side="right")
@@ -184,6 +194,7 @@ def test_classify_one_prefill_equals_separate_scoring_and_decoding():
         want_texts = [tok.decode(_full_recompute_greedy(model, prefix + p, 7, tok.eot_ids)) for p in prompts]
     assert texts == want_texts
     assert texts[1] == "" and any(len(t.split()) == 7 for t in texts)  # one row stops at once, another runs to the end
+    assert starts == decode_batches
 
 
 def test_balance_pairs_gives_every_label_the_same_pairs_per_epoch():
