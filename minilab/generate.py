@@ -63,6 +63,7 @@ def decode(model, logits: torch.Tensor, cache: KVCache, max_new: int, pick: Call
     """
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=logits.device)
     B = logits.shape[0]
+    cache.reserve(max_new)  # a column a step, written in place rather than by copying the cache
     rows = torch.arange(B, device=logits.device)  # the original row of each row still decoding
     filler = int(stops[0]) if len(stops) else 0
     for step in range(max_new):

@@ -199,11 +199,13 @@ class KVCache:
     Tensors grow by concatenation. That costs a copy per step, but they stay ordinary autograd
     tensors: DPO prefills a prompt once, `repeat_interleave`s the cache for several answers and
     backpropagates through it, which in-place writes into a preallocated buffer would break.
+    Decoding, which needs no gradients, `reserve`s room and appends in place.
     """
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers  # see `reserve`
 
     @property
     def seq_len(self) -> int:
@@ -211,16 +213,48 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's (B, K, T, hd) keys/values and return everything so far."""
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
+        old, buf = self.keys[layer], self.buffers[layer]
+        if buf is not None and old.shape[2] + k.shape[2] <= buf[0].shape[2] and not torch.is_grad_enabled():
+            S, T = old.shape[2], k.shape[2]  # written into the reserved room, nothing copied
+            buf[0][:, :, S : S + T], buf[1][:, :, S : S + T] = k, v
+            k, v = buf[0][:, :, : S + T], buf[1][:, :, : S + T]  # (B, K, S + T, hd) views
+        elif old is not None:
+            k = torch.cat([old, k], dim=2)
             v = torch.cat([self.values[layer], v], dim=2)
+            self.buffers[layer] = None
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
+    def reserve(self, n: int) -> None:
+        """Room for n more columns in every layer, which `update` then fills in place (without gradients).
+
+        Decoding appends one column per step, and a concatenation copies the whole cache each
+        time: 128 rows of 100 columns are 0.5 GB of SmolLM2's fp32 keys and values a step. Here
+        the cache is copied once into buffers n columns longer, and the tensors it holds are views
+        of their filled part. Only without autograd: an in-place write into a tensor that autograd
+        saved for the backward would break it, so with gradients on `update` concatenates as before.
+        """
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                B, K, S, hd = k.shape
+                kb, vb = k.new_empty(B, K, S + n, hd), v.new_empty(B, K, S + n, hd)
+                kb[:, :, :S], vb[:, :, :S] = k, v
+                self.buffers[i] = (kb, vb)
+                self.keys[i], self.values[i] = kb[:, :, :S], vb[:, :, :S]
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (a (B',) index), in place: decoding drops the rows that ended."""
-        self.keys = [None if k is None else k.index_select(0, rows) for k in self.keys]
-        self.values = [None if v is None else v.index_select(0, rows) for v in self.values]
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is None:
+                continue
+            buf = self.buffers[i]
+            if buf is None:
+                self.keys[i], self.values[i] = k.index_select(0, rows), v.index_select(0, rows)
+            else:  # keep the room: select from the whole buffers
+                S = k.shape[2]
+                kb, vb = buf[0].index_select(0, rows), buf[1].index_select(0, rows)
+                self.buffers[i] = (kb, vb)
+                self.keys[i], self.values[i] = kb[:, :, :S], vb[:, :, :S]
 
     @staticmethod
     def concat(caches: list["KVCache"]) -> "KVCache":

@@ -149,3 +149,38 @@ def test_empty_prompt_is_refused(tiny):
     _, ours, tok = tiny
     with pytest.raises(ValueError, match="prompt is empty"):
         generate_ids(ours, tok, [], 3)
+
+
+def test_a_reserved_cache_decodes_in_place_to_the_same_bits(tiny):
+    """`KVCache.reserve`: decoding appends into room made once (the storage stays the same from step
+    to step, through dropped rows too) and computes exactly what concatenation computes; with
+    gradients on, `update` concatenates as before, so a backward never sees an in-place write."""
+    _, ours, _ = tiny
+    torch.manual_seed(1)
+    ids, steps = torch.randint(0, 256, (3, 7)), torch.randint(0, 256, (3, 4))
+    outs = {}
+    with torch.no_grad():
+        for reserved in (False, True):
+            cache, out = ours.new_cache(), []
+            ours(ids, cache=cache)
+            if reserved:
+                cache.reserve(4)
+                storage = cache.keys[1].untyped_storage().data_ptr()
+            for t in range(4):
+                if t == 2:
+                    cache.select_rows(torch.tensor([0, 2]))  # a row ended
+                rows = [0, 1, 2] if t < 2 else [0, 2]
+                out.append(ours(steps[rows, t : t + 1], cache=cache))
+                if reserved and t != 2:  # select_rows makes the one new buffer
+                    assert cache.keys[1].untyped_storage().data_ptr() == storage
+                storage = cache.keys[1].untyped_storage().data_ptr()
+            assert cache.seq_len == 11 and cache.keys[0].shape == (2, 2, 11, 16)
+            outs[reserved] = out
+    assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+    cache = ours.new_cache()
+    with torch.no_grad():
+        ours(ids, cache=cache)
+    cache.reserve(4)
+    full = cache.buffers[0][0]
+    ours(steps[:, :1], cache=cache)  # gradients on: concatenated, the buffer left as it was
+    assert cache.buffers[0] is None and cache.keys[0].untyped_storage().data_ptr() != full.untyped_storage().data_ptr()
