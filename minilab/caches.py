@@ -31,14 +31,22 @@ from .files import atomic_write
 from .precision import autocast
 
 
+# Bumped whenever the code that computes a kept result changes its rounding, so that what older code
+# kept is not read back as this code's (2: scoring runs one answer column fewer, f1f3cee; decoding
+# merges batches, 7907ba3).
+KEPT_RESULTS_VERSION = 2
+
+
 def _base_hash(model_id: str, model, amp_dtype, prefix: list[int]):
     """A sha256 started with what every kept result depends on: the base weights (their file or
-    folder, its size and time), their dtype, the autocast dtype and the shared prefix."""
+    folder, its size and time), their dtype, the autocast dtype, the shared prefix and the code's
+    `KEPT_RESULTS_VERSION`."""
     h = hashlib.sha256()
     src = Path(model_id)
     files = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.gguf")) if src.is_dir() else [src]
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-    h.update(repr((model_id, stamp, str(next(model.parameters()).dtype), str(amp_dtype), prefix)).encode())
+    h.update(repr((KEPT_RESULTS_VERSION, model_id, stamp, str(next(model.parameters()).dtype), str(amp_dtype),
+                   prefix)).encode())
     return h
 
 

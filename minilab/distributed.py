@@ -30,7 +30,7 @@ FSDP2 (`shard_llama`, `train_dpo.py --fsdp`): the base weights are sharded acros
 (`fully_shard` on each decoder layer and on the root), the LoRA tensors train as sharded DTensors,
 and everything that reads whole weights (checkpoints, the best-on-dev copy, the adapter) gathers
 them first. One limit, found by trying: the single-process DPO step runs the shared prefix and the
-prompts once and reuses their KV cache for the answers (three forward calls, one backward). Under
+prompts once and reuses their KV cache for the answers (up to three forward calls, one backward). Under
 per-layer FSDP2 the gradient then reaches a layer's first call through the cache rather than
 through that call's output, where FSDP registers its pre-backward hook, so the layer's weights are
 already resharded: "setStorage: ... out of bounds for storage of size 0". Under `--fsdp` the

@@ -63,7 +63,8 @@ def decode(model, logits: torch.Tensor, cache: KVCache, max_new: int, pick: Call
     """
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=logits.device)
     B = logits.shape[0]
-    cache.reserve(max_new)  # a column a step, written in place rather than by copying the cache
+    if max_new > 1:  # steps after the first append a column each: in place, not by copying the cache
+        cache.reserve(max_new - 1)
     rows = torch.arange(B, device=logits.device)  # the original row of each row still decoding
     filler = int(stops[0]) if len(stops) else 0
     for step in range(max_new):

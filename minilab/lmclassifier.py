@@ -48,8 +48,8 @@ def classify(model, tokenizer, prefix: list[int], prompts: list[list[int]], answ
 
     Every batch of prompts is run through the model once (`scoring.prefill`). The K label answers
     are scored on copies of that cache (`scoring.score_answers`), and greedy decoding
-    (`generate.greedy_continue`) then continues from the cache itself: scoring and generation
-    share one prefill instead of running the prompts twice. The instruction prefix that every
+    (`generate.greedy_continue`) then continues from the cache itself (several batches' caches,
+    merged): scoring and generation share one prefill instead of running the prompts twice. The instruction prefix that every
     prompt shares is run once per call.
 
     Decoding runs in bigger batches than the prefill: the prefilled rows of several batches, up to
@@ -83,11 +83,13 @@ def classify(model, tokenizer, prefix: list[int], prompts: list[list[int]], answ
             held.append((idx, state))
             if sum(len(i) for i, _ in held) + batch_size > gen_batch_size or start + batch_size >= len(order):
                 rows = [i for i, _ in held for i in i]
+                states, held = [s for _, s in held], []  # (the batches' own caches go once merged)
                 # scoring left each cache as it was; decoding appends to the merged one
-                gen = greedy_continue(model, Prefilled.concat([s for _, s in held]), gen_tokens, tokenizer.eot_ids)
+                merged = states[0] if len(states) == 1 else Prefilled.concat(states)
+                del states, state
+                gen = greedy_continue(model, merged, gen_tokens, tokenizer.eot_ids)
                 for j, i in enumerate(rows):
                     texts[i] = tokenizer.decode(gen[j], skip_special=True)
-                held = []
     return preds, scores, texts
 
 

@@ -5,7 +5,8 @@ or all K label words). Running "prompt + answer" once per answer would redo the 
 times, and the prompt is usually most of the tokens. Instead we
   1. prefill the (left-padded) prompts once into a KV cache,
   2. repeat each prompt's cache rows n times (`cache.repeat_interleave(n)`),
-  3. run all the (right-padded) answers on top of it in one batch,
+  3. run all the (right-padded) answers on top of it in one batch, but for their last column
+     (a last token is only predicted, never predicts),
   4. apply the output head in fp32 only at the positions that predict answer tokens.
 Step 4 matters as much as step 1: a full (B, T, V) logit tensor for a 49k-token vocabulary is
 far bigger than the model's activations, and we only need a handful of its rows.

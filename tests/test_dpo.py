@@ -366,3 +366,18 @@ def test_sft_loss_by_hand():
     g = pc.clone().requires_grad_(True)
     sft_loss(g, lc)[0].backward()  # d/d(logp_i) = -1 / 4 for every answer
     assert g.grad.tolist() == pytest.approx([-0.25, -0.25, -0.25])
+
+
+def test_kept_results_are_keyed_by_the_code_version(monkeypatch, tmp_path):
+    """A reference pass or zero-shot result kept by older code (which rounded differently) is not
+    read back: `KEPT_RESULTS_VERSION` is part of every key."""
+    from minilab import caches
+
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"weights")
+    base = (str(weights), _tiny_llama(), None, [1, 2])
+    before = caches.reference_key(*base, []), caches.zero_shot_key(*base, [[3]], [0], [[4]], ["a"], 2, "cpu")
+    assert before == (caches.reference_key(*base, []), caches.zero_shot_key(*base, [[3]], [0], [[4]], ["a"], 2, "cpu"))
+    monkeypatch.setattr(caches, "KEPT_RESULTS_VERSION", caches.KEPT_RESULTS_VERSION + 1)
+    after = caches.reference_key(*base, []), caches.zero_shot_key(*base, [[3]], [0], [[4]], ["a"], 2, "cpu")
+    assert before[0] != after[0] and before[1] != after[1]

@@ -106,9 +106,12 @@ def test_batched_greedy_matches_one_prompt_at_a_time():
     prompts = [[8, 9, 10, 11], [12, 13]]
 
     ids, mask = pad(prompts, 0, side="left")
-    got = greedy_continue(model, prefill(model, ids, mask, run_prefix(model, prefix)), 6, stop_ids=())
+    state = prefill(model, ids, mask, run_prefix(model, prefix))
+    got = greedy_continue(model, state, 6, stop_ids=())
     for row, p in zip(got, prompts):
         assert row == generate_ids(model, None, [5, 6, 7] + p, 6)
+    # the 5 steps after the first token appended into room reserved once (`KVCache.reserve`), not by concatenation
+    assert state.cache.seq_len == 3 + 4 + 5 and state.cache.buffers[0][0].shape[2] == 3 + 4 + 5
 
 
 def test_batched_greedy_drops_ended_rows_and_still_matches_each_prompt_alone():
@@ -181,7 +184,8 @@ def test_classify_one_prefill_equals_separate_scoring_and_decoding(gen_batch_siz
     preds, scores, texts = classify(model, tok, prefix, prompts, answers, "cpu", torch.no_grad(), batch_size=2,
                                     gen_tokens=7, gen_batch_size=gen_batch_size)
     hook.remove()
-    # a decoding starts where a step of one token follows a call of several (a prefill or the answers)
+    # a decoding starts where a step of one token follows a call of several (a prefill, or the answers:
+    # 2 columns here, their last one never runs; answers of 2 tokens would run 1 and look like a step)
     starts = [rows for (rows, t), (_, before) in zip(steps[1:], steps) if t == 1 and before > 1]
 
     p_ids, p_mask = pad([prefix + p for p in prompts], 0, side="left")
