@@ -49,8 +49,8 @@ def classify(model, tokenizer, prefix: list[int], prompts: list[list[int]], answ
     Every batch of prompts is run through the model once (`scoring.prefill`). The K label answers
     are scored on copies of that cache (`scoring.score_answers`), and greedy decoding
     (`generate.greedy_continue`) then continues from the cache itself (several batches' caches,
-    merged): scoring and generation share one prefill instead of running the prompts twice. The instruction prefix that every
-    prompt shares is run once per call.
+    merged): scoring and generation share one prefill instead of running the prompts twice. The
+    instruction prefix that every prompt shares is run once per call.
 
     Decoding runs in bigger batches than the prefill: the prefilled rows of several batches, up to
     `gen_batch_size`, decode together (`Prefilled.concat`). A decoding step reads every weight of
@@ -81,12 +81,13 @@ def classify(model, tokenizer, prefix: list[int], prompts: list[list[int]], answ
             if not gen_tokens:
                 continue
             held.append((idx, state))
-            if sum(len(i) for i, _ in held) + batch_size > gen_batch_size or start + batch_size >= len(order):
-                rows = [i for i, _ in held for i in i]
-                states, held = [s for _, s in held], []  # (the batches' own caches go once merged)
+            n_held = sum(len(ix) for ix, _ in held)
+            if n_held + batch_size > gen_batch_size or start + batch_size >= len(order):
+                rows = [i for ix, _ in held for i in ix]  # the prompts, in the merged batch's order
                 # scoring left each cache as it was; decoding appends to the merged one
+                states = [s for _, s in held]
                 merged = states[0] if len(states) == 1 else Prefilled.concat(states)
-                del states, state
+                held, states, state = [], None, None  # the batches' own caches go once merged
                 gen = greedy_continue(model, merged, gen_tokens, tokenizer.eot_ids)
                 for j, i in enumerate(rows):
                     texts[i] = tokenizer.decode(gen[j], skip_special=True)
