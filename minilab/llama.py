@@ -301,29 +301,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
       took as long as SDPA itself when decoding (torch.profiler, 12 greedy steps of 32 rows of
       SmolLM2: 77 ms of copies beside 69 ms of SDPA). On CUDA not every SDPA kernel takes
       `enable_gqa`, so there the heads are still copied out.
-    * Written out as two matmuls and a softmax, when training on the CPU. There SDPA's
+    * Written out as two matmuls and a softmax, when training on the CPU, with each group's
+      query heads stacked as rows over their shared key/value head. There SDPA's
       flash-attention backward kernel was a quarter of a whole DPO step at the lab's lengths
       (about 100-300 tokens), where attention is only a few percent of the FLOPs; autograd's
       backward of this is plain matmuls too, and a DPO step is 1.3x faster (bench/profile_step.py).
       Scores come out of the matmul in the input dtype (bf16 under autocast) and the softmax runs
       in fp32, as transformers' "eager" attention does.
     """
-    group = q.shape[1] // k.shape[1]
-    written_out = q.device.type == "cpu" and torch.is_grad_enabled()  # training on the CPU
-    shared_kv = group > 1 and q.device.type == "cpu" and not written_out and CPU_SDPA_GQA  # SDPA reads the K heads
+    B, H, T, hd = q.shape
+    K, S = k.shape[1], k.shape[2]
+    group = H // K
+    if q.device.type == "cpu" and torch.is_grad_enabled():  # training on the CPU: written out
+        # A group's H/K query heads become extra query rows of their key/value head. The shared
+        # heads are read where they are: no copies out to H heads, and no sum of those copies'
+        # gradients in the backward. And a one-token query (DPO's answer column) gives matmuls
+        # of g rows, not 1. With one row, autograd's backward products (S, 1) @ (1, hd) took a
+        # slow path, one small matrix at a time: 16 answer rows of SmolLM2 over 84 columns took
+        # 4.1 ms forward and backward as H heads, and 1.0 ms as grouped rows (fp32, 2 cores).
+        qg = q.reshape(B, K, group * T, hd)  # (B, K, g*T, hd): rows = (head in group, token)
+        scores = (qg @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, K, g*T, S)
+        scores = scores.view(B, K, group, T, S)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S) causal
+        else:
+            mask = mask[:, :, None]  # (B, 1, 1, T, S): the same for every head
+        scores = scores.masked_fill(~mask, float("-inf")).view(B, K, group * T, S)
+        y = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # (B, K, g*T, hd)
+        return y.view(B, H, T, hd)
+    shared_kv = group > 1 and q.device.type == "cpu" and CPU_SDPA_GQA  # SDPA reads the K heads
     if group > 1 and not shared_kv:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
-    if not written_out:
-        gqa = {"enable_gqa": True} if shared_kv else {}
-        if mask is None:  # no padding, no past: the fused causal path
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, **gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
-    T, S = q.shape[2], k.shape[2]
-    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
-    if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S) causal
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # (B, H, T, hd)
+    gqa = {"enable_gqa": True} if shared_kv else {}
+    if mask is None:  # no padding, no past: the fused causal path
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
 class LlamaAttention(nn.Module):
@@ -392,6 +404,8 @@ def build_layer(config: LlamaConfig, layer_idx: int) -> LlamaDecoderLayer:
 def build_attention_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int,
                          device) -> torch.Tensor | None:
     """(B, 1, T, S) boolean mask, True = may attend; None when plain causal attention is enough.
+    A caller with a structure of its own (answers side by side after a prompt) passes that
+    (B, 1, T, S) bool mask, which is checked and used as it is.
 
     Query i (absolute position past + i) sees key j when j <= past + i and key j is not padding.
     A query always sees itself, so a padding query's row is never fully masked: its output is junk
@@ -399,6 +413,11 @@ def build_attention_mask(attention_mask: torch.Tensor | None, B: int, T: int, pa
     releases before 2.5 return NaN, which would leak through `loss * mask` into gradients.
     """
     S = past + T
+    if attention_mask is not None and attention_mask.dim() == 4:  # built by the caller (`scoring.answer_tree_mask`)
+        if tuple(attention_mask.shape) != (B, 1, T, S) or attention_mask.dtype != torch.bool:
+            raise ValueError(f"a 4-d attention_mask must be bool of shape (batch, 1, new, past + new) = {(B, 1, T, S)}, "
+                             f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        return attention_mask
     if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = {(B, S)}"
@@ -431,6 +450,8 @@ class LlamaModel(nn.Module):
         B, T = input_ids.shape
         past = cache.seq_len if cache is not None else 0
         if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError("a 4-d attention_mask needs position_ids: the model cannot count real tokens from it")
             if attention_mask is not None:
                 # Position = number of real tokens before this one, so left padding does not shift them.
                 pos = attention_mask.long().cumsum(-1) - 1  # (B, S)

@@ -444,3 +444,33 @@ def test_inference_attention_reads_shared_kv_heads_bit_for_bit(case, dtype, K, m
     assert torch.equal(got, want)
     if llama.CPU_SDPA_GQA:
         assert calls == [(K, K != H)]  # the K heads themselves; enable_gqa only when they are shared
+
+
+@pytest.mark.parametrize("T", [1, 5], ids=["one-token", "five-tokens"])
+def test_training_attention_stacks_grouped_heads_as_rows(T):
+    """With autograd on the CPU, `attention` runs each group's query heads as rows over their
+    shared key/value head. It must be grouped-query attention all the same: query head h reads
+    kv head h // (H/K), and the output and the gradients of q, k and v equal the textbook formula
+    over heads copied out with `repeat_interleave` (to 1e-5; the kv gradients sum the group inside
+    one matmul instead of after it). One decoded-size query (DPO's answer column) and five, over
+    left-padded past columns."""
+    import minilab.llama as llama
+
+    g = torch.Generator().manual_seed(0)
+    B, H, K, hd, S = 3, 6, 2, 8, 9
+    q = torch.randn(B, T, H, hd, generator=g).transpose(1, 2).requires_grad_()  # (B, H, T, hd), a view as in the model
+    k, v = (torch.randn(B, K, S, hd, generator=g).requires_grad_() for _ in range(2))
+    mask = torch.ones(B, 1, T, S, dtype=torch.bool).tril(S - T)
+    mask[1, :, :, :4] = False  # row 1 is left-padded by 4
+    w = torch.randn(B, H, T, hd, generator=g)  # a loss that weighs every output differently
+
+    got = llama.attention(q, k, v, mask)
+    grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+
+    k_all, v_all = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, hd)
+    scores = (q @ k_all.transpose(-1, -2)) / hd**0.5  # (B, H, T, S)
+    want = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v_all
+    want_grads = torch.autograd.grad((want * w).sum(), (q, k, v))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for name, a, b in zip("qkv", grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=lambda m: f"d{name}: {m}")
