@@ -33,8 +33,8 @@ from .precision import autocast
 
 # Bumped whenever the code that computes a kept result changes its rounding, so that what older code
 # kept is not read back as this code's (2: scoring runs one answer column fewer, f1f3cee; decoding
-# merges batches, 7907ba3).
-KEPT_RESULTS_VERSION = 2
+# merges batches, 7907ba3; 3: `scoring.answer_logps` runs the answers beside their prompts).
+KEPT_RESULTS_VERSION = 3
 
 
 def _base_hash(model_id: str, model, amp_dtype, prefix: list[int]):

@@ -29,15 +29,15 @@ What the scripts and the loop do with it (`minilab/strategy.py` combines the gra
 FSDP2 (`shard_llama`, `train_dpo.py --fsdp`): the base weights are sharded across the ranks
 (`fully_shard` on each decoder layer and on the root), the LoRA tensors train as sharded DTensors,
 and everything that reads whole weights (checkpoints, the best-on-dev copy, the adapter) gathers
-them first. One limit, found by trying: the single-process DPO step runs the shared prefix and the
-prompts once and reuses their KV cache for the answers (up to three forward calls, one backward). Under
+them first. One limit, found by trying: the single-process DPO step runs the shared prefix once
+and reuses its KV cache for the prompts and their answers (two forward calls, one backward). Under
 per-layer FSDP2 the gradient then reaches a layer's first call through the cache rather than
 through that call's output, where FSDP registers its pre-backward hook, so the layer's weights are
 already resharded: "setStorage: ... out of bounds for storage of size 0". Under `--fsdp` the
 policy and the reference log-probs are therefore computed in one forward call per micro-batch
-(`full_sequence_logps`: prefix, prompt and answer as one sequence per row): the same numbers up
-to rounding, for more compute (each prompt runs once per answer). Evaluation has no backward and
-keeps the cache.
+(`full_sequence_logps`: the prefix joined to each prompt, its answers beside it in the same row):
+the same numbers up to rounding, for more compute (the prefix runs once per prompt). Evaluation has
+no backward and keeps the cache.
 """
 
 from __future__ import annotations
@@ -272,16 +272,17 @@ def unsharded(model: torch.nn.Module):
 
 
 def full_sequence_logps(model, batch: dict, prefix_ids: torch.Tensor | None) -> torch.Tensor:
-    """`scoring.answer_logps` in one forward call: [prefix, prompt, answer] as one sequence per answer
-    (no KV cache shared between calls: see the module docstring on FSDP)."""
-    from .scoring import answer_logps_separate
+    """`scoring.answer_logps` in one forward call: the prefix joined to every prompt, each prompt with
+    its answers side by side in one row (no KV cache shared between calls: see the module docstring
+    on FSDP)."""
+    from .scoring import answer_logps
 
     p_ids, p_mask = batch["prompt_ids"], batch["prompt_mask"]
     if prefix_ids is not None:
         B = p_ids.shape[0]
         p_ids = torch.cat([prefix_ids.expand(B, -1), p_ids], dim=1)
         p_mask = torch.cat([torch.ones_like(prefix_ids).expand(B, -1).to(p_mask.dtype), p_mask], dim=1)
-    return answer_logps_separate(model, p_ids, p_mask, batch["answer_ids"], batch["answer_mask"])
+    return answer_logps(model, p_ids, p_mask, batch["answer_ids"], batch["answer_mask"])
 
 
 def answer_logps_for(model, fsdp: bool, prefix_ids: torch.Tensor | None):
@@ -289,7 +290,7 @@ def answer_logps_for(model, fsdp: bool, prefix_ids: torch.Tensor | None):
     answers' log-probs of a batch of `pairs.dpo_batches`, after the shared prefix `prefix_ids`.
     With `fsdp` the model is first sharded across the ranks (`shard_llama`, in place) and the
     function is `full_sequence_logps`, one forward call per batch (see the module docstring);
-    else `scoring.answer_logps`, the prompt run once with its answers scored on its KV cache."""
+    else `scoring.answer_logps` with the prefix run once for the batch."""
     if fsdp:
         shard_llama(model)
         return lambda model, b: full_sequence_logps(model, b, prefix_ids)

@@ -12,11 +12,12 @@ Step 4 matters as much as step 1: a full (B, T, V) logit tensor for a 49k-token 
 far bigger than the model's activations, and we only need a handful of its rows.
 
 Step 1 is `prefill` (after `run_prefix`: the instruction every prompt shares, run once); steps
-2-4 are `score_answers`; `answer_logps` is the two together. They are separate functions so
-that evaluation (`lmclassifier.classify`) can score the label answers AND decode greedily
-(`generate.greedy_continue`) from a single prefill. `answer_logps_separate` is the plain
-"concatenate and run" version, kept as the reference the fast path is tested against (and the
-one-forward-call form FSDP needs, `distributed.py`).
+2-4 are `score_answers`. They are separate functions so that evaluation
+(`lmclassifier.classify`) can score the label answers AND decode greedily
+(`generate.greedy_continue`) from a single prefill. `answer_logps`, what DPO trains with, runs the
+same computation in one call: each prompt with its answers side by side in one row, the answers
+kept apart by the attention mask (`answer_tree_mask`). `answer_logps_separate` is the plain
+"concatenate and run" version, kept as the reference the fast paths are tested against.
 """
 
 from __future__ import annotations
@@ -205,7 +206,10 @@ def answer_logps(
     normalize: bool = False,
     prefix_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed log p(answer | prompt) for n answers per prompt, running each prompt once.
+    """Summed log p(answer | prompt) for n answers per prompt, running each prompt once, in one
+    forward call: each prompt and its n answers side by side in one row,
+    [prompt, answer 0, ..., answer n-1], where an answer attends to the prompt and to itself only
+    (`answer_tree_mask`) and takes the positions that follow the prompt.
 
     prompt_ids, prompt_mask: (B, Tp), LEFT-padded (mask 1 = real token), so every prompt ends
         at column Tp - 1 and its answers can all start at column Tp.
@@ -216,10 +220,57 @@ def answer_logps(
         prompt). They are run once per call, not once per prompt, and their cache is shared by
         all B prompts: the same result as prepending them to each prompt, for a fraction of the work.
     Returns (B * n,) float32. Gradients flow through the prefix and prompt as well as the answers.
+
+    Why one call rather than `prefill` then `score_answers` (which evaluation uses, to decode from
+    the prompts' cache afterwards): the answers are a few rows (a DPO step of 8 pairs: 16 answer
+    rows beside about 300 prompt rows), and as a batch of their own they ran every projection of
+    every layer, forward and backward, as matmuls of 16 rows, which the CPU runs at a fraction of
+    its speed. Side by side with their prompts they join the prompts' matmuls instead.
     """
+    _check_prompts(prompt_ids, prompt_mask)
+    B, Tp = prompt_ids.shape
+    n = _check_answers(answer_ids, answer_mask, B)
+    prompt_mask, answer_mask = prompt_mask.long(), answer_mask.long()
     prefix = None if prefix_ids is None else run_prefix(model, prefix_ids)
-    prompts = prefill(model, prompt_ids, prompt_mask, prefix)
-    return score_answers(model, prompts, answer_ids, answer_mask, normalize)
+    P = 0 if prefix is None else prefix.seq_len
+    cache = model.new_cache() if prefix is None else prefix.repeat_interleave(B)
+    A = answer_ids.shape[1] - 1  # columns an answer runs (its last token is only a target)
+    ids = torch.cat([prompt_ids, answer_ids[:, :-1].reshape(B, n * A)], dim=1)  # (B, Tp + n*A)
+    next_pos = P + prompt_mask.sum(1)  # (B,) position of each prompt's first answer token
+    prompt_pos = P + (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp)
+    answer_pos = (next_pos[:, None] + torch.arange(A, device=ids.device)).repeat(1, n)  # (B, n*A)
+    mask = answer_tree_mask(prompt_mask, answer_mask[:, :-1].reshape(B, n * A), n, P)  # (B, 1, T, P + T)
+    h = model.hidden_states(ids, attention_mask=mask, position_ids=torch.cat([prompt_pos, answer_pos], dim=1),
+                            cache=cache)  # (B, Tp + n*A, D)
+    h_last = h[:, Tp - 1].repeat_interleave(n, dim=0)  # (B*n, D): predicts each answer's first token
+    h_answer = h[:, Tp:].reshape(B * n, A, h.shape[-1])  # (B*n, A, D)
+    h_pred = torch.cat([h_last[:, None], h_answer], dim=1)  # (B*n, Ta, D)
+    sel = answer_mask.bool()
+    token_logps = _head_logps(model, h_pred[sel], answer_ids[sel])  # (N,)
+    return _sum_per_row(token_logps, sel, normalize)
+
+
+def answer_tree_mask(prompt_mask: torch.Tensor, answer_mask: torch.Tensor, n: int, P: int) -> torch.Tensor:
+    """The attention mask of prompts followed by their n answers side by side, (B, 1, T, P + T).
+
+    Row b of the batch is [P prefix columns (in the cache), Tp prompt columns, answer 0's A
+    columns, ..., answer n-1's A columns], T = Tp + n*A. A query sees the prefix, the real prompt
+    tokens before it and, if it belongs to an answer, the real tokens of that answer up to
+    itself, never another answer: each answer continues the prompt as if it were alone. Every
+    query sees itself, so a padding row stays finite (`llama.build_attention_mask`).
+    prompt_mask: (B, Tp); answer_mask: (B, n*A), answer j of prompt b in columns j*A .. j*A + A - 1.
+    """
+    B, Tp = prompt_mask.shape
+    A = answer_mask.shape[1] // n
+    T, dev = Tp + n * A, prompt_mask.device
+    branch = torch.cat([torch.full((P + Tp,), -1, device=dev), torch.arange(n, device=dev).repeat_interleave(A)])  # (P + T,)
+    key_pos = torch.arange(P + T, device=dev)[None, :]  # (1, P + T)
+    query_pos = torch.arange(P, P + T, device=dev)[:, None]  # (T, 1)
+    shared_or_own = (branch[None, :] == -1) | (branch[None, :] == branch[P:, None])  # (T, P + T)
+    real = torch.cat([prompt_mask.new_ones(B, P), prompt_mask, answer_mask], dim=1).bool()  # (B, P + T)
+    allowed = ((key_pos <= query_pos) & shared_or_own)[None] & real[:, None, :]  # (B, T, P + T)
+    allowed = allowed | (key_pos == query_pos)[None]
+    return allowed[:, None]  # (B, 1, T, P + T)
 
 
 def answer_logps_separate(

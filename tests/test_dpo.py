@@ -7,7 +7,7 @@ import torch
 
 from minilab.dpo import dpo_loss, reference_logps, split_pairs
 from minilab.lora import apply_lora, disable_adapters, lora_layers
-from minilab.scoring import answer_logps, answer_logps_separate, fp32_weight
+from minilab.scoring import answer_logps, answer_logps_separate, answer_tree_mask, fp32_weight, prefill, score_answers
 
 # Two preference pairs (summed log-probs), beta = 0.1 unless a test says otherwise.
 #   pair 1: policy chosen -1, rejected -3; reference -2, -2
@@ -138,15 +138,21 @@ def test_separate_scoring_matches_full_logits_by_hand():
     ([3, 6], [2, 1, 3, 1, 4, 2]),  # K = 3 label answers per prompt
     ([4, 2], [1, 1, 1, 1]),  # one-token answers: the prompt's last state predicts them, no answer forward
 ])
-def test_shared_prompt_equals_separate_scoring(prompt_lens, answer_lens):
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_shared_prompt_equals_separate_scoring(prompt_lens, answer_lens, grad):
+    """`answer_logps` (answers side by side after their prompt, one call) and `prefill` +
+    `score_answers` (answers on copies of the prompt's cache, what evaluation runs) both score as
+    each answer run after its prompt alone; with autograd on, the training path's attention."""
     model = _tiny_llama()
     b = _batch(prompt_lens, answer_lens)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         shared = answer_logps(model, *_args(b))
+        cached = score_answers(model, prefill(model, b["prompt_ids"], b["prompt_mask"]), b["answer_ids"], b["answer_mask"])
         separate = answer_logps_separate(model, *_args(b))
     assert shared.shape == (len(answer_lens),) and shared.dtype == torch.float32
     assert (shared < 0).all()
     torch.testing.assert_close(shared, separate, rtol=0, atol=1e-4)
+    torch.testing.assert_close(cached, separate, rtol=0, atol=1e-4)
     # length normalisation divides by the number of real answer tokens
     with torch.no_grad():
         mean = answer_logps(model, *_args(b), normalize=True)
@@ -155,19 +161,42 @@ def test_shared_prompt_equals_separate_scoring(prompt_lens, answer_lens):
 
 def test_the_last_answer_column_is_only_a_target():
     """Answers of up to Ta tokens run Ta - 1 columns through the model: the last token's own state
-    predicts nothing. The embedding sees the prompts (B, Tp), then the answers without their last column."""
+    predicts nothing. `score_answers` runs the prompts (B, Tp), then the answers without their last
+    column; `answer_logps` runs each prompt with its n answers' Ta - 1 columns beside it, in one call."""
     model = _tiny_llama()
-    b = _batch([5, 2, 7], [1, 4, 3, 3, 2, 1])  # Ta = 4
+    b = _batch([5, 2, 7], [1, 4, 3, 3, 2, 1])  # B = 3, n = 2, Ta = 4
     seen = []
     model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
     with torch.no_grad():
+        score_answers(model, prefill(model, b["prompt_ids"], b["prompt_mask"]), b["answer_ids"], b["answer_mask"])
+        assert seen == [(3, 7), (6, 3)]
+        seen.clear()
         answer_logps(model, *_args(b))
-    assert seen == [(3, 7), (6, 3)]
-    seen.clear()
-    b = _batch([5, 2], [1, 1, 1, 1])
-    with torch.no_grad():
+        assert seen == [(3, 7 + 2 * 3)]
+        seen.clear()
+        b = _batch([5, 2], [1, 1, 1, 1])
+        score_answers(model, prefill(model, b["prompt_ids"], b["prompt_mask"]), b["answer_ids"], b["answer_mask"])
         answer_logps(model, *_args(b))
-    assert seen == [(2, 5)]  # one-token answers: no answer forward at all
+    assert seen == [(2, 5), (2, 5)]  # one-token answers: nothing but the prompts runs
+
+
+def test_answers_side_by_side_see_their_prompt_and_themselves_only():
+    """`answer_tree_mask` by hand: prefix P = 1, one prompt left-padded by one, n = 2 answers of
+    A = 2 columns, the second answer's last column padding. Rows are queries, columns keys."""
+    prompt_mask = torch.tensor([[0, 1, 1]])
+    answer_mask = torch.tensor([[1, 1, 1, 0]])  # answer 0: both columns; answer 1: its first
+    got = answer_tree_mask(prompt_mask, answer_mask, n=2, P=1)[0, 0].int()
+    want = torch.tensor([
+        # pre pad  p1  p2  a0  a0' a1  a1'
+        [1,  1,  0,  0,  0,  0,  0,  0],  # the padding query sees itself (and the prefix)
+        [1,  0,  1,  0,  0,  0,  0,  0],  # p1
+        [1,  0,  1,  1,  0,  0,  0,  0],  # p2
+        [1,  0,  1,  1,  1,  0,  0,  0],  # answer 0, column 0
+        [1,  0,  1,  1,  1,  1,  0,  0],  # answer 0, column 1
+        [1,  0,  1,  1,  0,  0,  1,  0],  # answer 1, column 0: not answer 0
+        [1,  0,  1,  1,  0,  0,  1,  1],  # answer 1's padding column: itself
+    ])
+    assert torch.equal(got, want)
 
 
 def test_shared_prefix_equals_prepending_it_to_every_prompt():
