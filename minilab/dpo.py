@@ -23,7 +23,7 @@ target margin gamma:
 No reference pass is run or cached for it.
 
 The log-probabilities log pi(y|x) come from `minilab.scoring.answer_logps` (the prompt run once,
-its answers scored on a shared KV cache), for rows in [chosen, rejected, chosen, rejected, ...]
+its answers beside it in the same call), for rows in [chosen, rejected, chosen, rejected, ...]
 order (`pairs.dpo_batches`); `split_pairs` turns them into the (chosen, rejected) inputs here.
 The reference is the same network with its LoRA adapters switched off
 (`minilab.lora.disable_adapters`), and its log-probabilities are computed once, before

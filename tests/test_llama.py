@@ -366,6 +366,14 @@ def test_wrong_attention_mask_shape_is_explained(tmp_path):
     ours, _ = load_llama(str(save(hf_model(), tmp_path / "ckpt")))
     with pytest.raises(ValueError, match=r"expected \(batch, past \+ new\) = \(2, 5\)"):
         ours(ids(2, 5), attention_mask=torch.ones(2, 4, dtype=torch.long))
+    # a caller's own (B, 1, T, S) mask: bool, of that shape, with the positions it implies
+    pos = torch.arange(5).expand(2, 5)
+    with pytest.raises(ValueError, match=r"must be bool of shape \(batch, 1, new, past \+ new\) = \(2, 1, 5, 5\)"):
+        ours(ids(2, 5), attention_mask=torch.ones(2, 1, 5, 4, dtype=torch.bool), position_ids=pos)
+    with pytest.raises(ValueError, match=r"must be bool"):
+        ours(ids(2, 5), attention_mask=torch.ones(2, 1, 5, 5, dtype=torch.long), position_ids=pos)
+    with pytest.raises(ValueError, match=r"a 4-d attention_mask needs position_ids"):
+        ours(ids(2, 5), attention_mask=torch.ones(2, 1, 5, 5, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "left-padded"])
