@@ -14,7 +14,7 @@ what this bench measured before commit 82b8242, a configuration the lab never ru
 
 * ours:   `train_dpo.py`'s recipe: `load_llama(gguf)`, `apply_lora`, prompts from `PromptBuilder`
           (the shared instruction prefix run once per batch, its KV cache shared by all prompts,
-          each prompt's cache shared by its chosen and rejected answer), reference log-probs
+          each prompt run once with its chosen and rejected answer beside it), reference log-probs
           computed once before training with the adapters off (`reference_logps`), then
           `minilab.train.train`.
 * theirs: `trl.DPOTrainer` + `peft.LoraConfig` on a transformers `LlamaForCausalLM` loaded from

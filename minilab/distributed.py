@@ -274,7 +274,7 @@ def unsharded(model: torch.nn.Module):
 def full_sequence_logps(model, batch: dict, prefix_ids: torch.Tensor | None) -> torch.Tensor:
     """`scoring.answer_logps` in one forward call: the prefix joined to every prompt, each prompt with
     its answers side by side in one row (no KV cache shared between calls: see the module docstring
-    on FSDP)."""
+    on FSDP). As there, prompts are LEFT-padded and answers RIGHT-padded (`pairs.dpo_batches`)."""
     from .scoring import answer_logps
 
     p_ids, p_mask = batch["prompt_ids"], batch["prompt_mask"]

@@ -197,7 +197,7 @@ class KVCache:
     """Keys and values of the tokens seen so far, one (B, K, S, hd) pair per layer.
 
     Tensors grow by concatenation. That costs a copy per step, but they stay ordinary autograd
-    tensors: DPO prefills a prompt once, `repeat_interleave`s the cache for several answers and
+    tensors: DPO runs the shared prefix once, `repeat_interleave`s its cache for every prompt and
     backpropagates through it, which in-place writes into a preallocated buffer would break.
     Decoding, which needs no gradients, `reserve`s room and appends in place.
     """
@@ -414,9 +414,10 @@ def build_attention_mask(attention_mask: torch.Tensor | None, B: int, T: int, pa
     """
     S = past + T
     if attention_mask is not None and attention_mask.dim() == 4:  # built by the caller (`scoring.answer_tree_mask`)
-        if tuple(attention_mask.shape) != (B, 1, T, S) or attention_mask.dtype != torch.bool:
-            raise ValueError(f"a 4-d attention_mask must be bool of shape (batch, 1, new, past + new) = {(B, 1, T, S)}, "
-                             f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        if tuple(attention_mask.shape) != (B, 1, T, S) or attention_mask.dtype != torch.bool \
+                or attention_mask.device != torch.device(device):
+            raise ValueError(f"a 4-d attention_mask must be bool of shape (batch, 1, new, past + new) = {(B, 1, T, S)} "
+                             f"on {device}, got {attention_mask.dtype} {tuple(attention_mask.shape)} on {attention_mask.device}")
         return attention_mask
     if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
         raise ValueError(

@@ -2,7 +2,8 @@
 
 A classification example is one prompt with several candidate answers (DPO's chosen and rejected,
 or all K label words). Running "prompt + answer" once per answer would redo the prompt's work n
-times, and the prompt is usually most of the tokens. Instead we
+times, and the prompt is usually most of the tokens. Instead evaluation's path
+(`lmclassifier.classify`) does this:
   1. prefill the (left-padded) prompts once into a KV cache,
   2. repeat each prompt's cache rows n times (`cache.repeat_interleave(n)`),
   3. run all the (right-padded) answers on top of it in one batch, but for their last column
@@ -257,7 +258,9 @@ def answer_tree_mask(prompt_mask: torch.Tensor, answer_mask: torch.Tensor, n: in
     columns, ..., answer n-1's A columns], T = Tp + n*A. A query sees the prefix, the real prompt
     tokens before it and, if it belongs to an answer, the real tokens of that answer up to
     itself, never another answer: each answer continues the prompt as if it were alone. Every
-    query sees itself, so a padding row stays finite (`llama.build_attention_mask`).
+    query sees itself, so a padding row stays finite (`llama.build_attention_mask`). The masked
+    keys still cost work (every query meets all P + T columns), which is nothing beside the
+    projections for label-word answers and grows with n*A for long ones.
     prompt_mask: (B, Tp); answer_mask: (B, n*A), answer j of prompt b in columns j*A .. j*A + A - 1.
     """
     B, Tp = prompt_mask.shape

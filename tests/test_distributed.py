@@ -10,7 +10,7 @@ N > 1), so that the matmuls themselves round the same way.
 Tolerances. With the same micro-batches, the same dropout (seeded per micro-batch) and the loss
 divided by the same global count, the only numerical difference left is the order of the sums:
 each rank's gradient is summed across ranks instead of accumulated one after the other, and
-under FSDP each prompt is run as one sequence per answer instead of once with a shared KV cache.
+under FSDP the prefix is joined to every prompt instead of shared through a KV cache.
 In fp32 on these tiny runs that is a few 1e-8 in the weights (1e-6 allowed) and a few 1e-7 in the
 logged numbers (1e-5 allowed, absolute, since rewards near 0 make relative differences large).
 """

@@ -199,15 +199,17 @@ def test_answers_side_by_side_see_their_prompt_and_themselves_only():
     assert torch.equal(got, want)
 
 
-def test_shared_prefix_equals_prepending_it_to_every_prompt():
-    """A (1, P) instruction prefix run once and shared must score like prefix + prompt per row."""
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_shared_prefix_equals_prepending_it_to_every_prompt(grad):
+    """A (1, P) instruction prefix run once and shared must score like prefix + prompt per row,
+    also with autograd on (DPO's step: the prefix's cache under the answers' tree mask)."""
     model = _tiny_llama()
     b = _batch([5, 2, 7], [1, 4, 3, 3, 2, 1])
     prefix = torch.randint(1, V, (1, 6), generator=torch.Generator().manual_seed(5))
     B = b["prompt_ids"].shape[0]
     joined_ids = torch.cat([prefix.expand(B, -1), b["prompt_ids"]], dim=1)
     joined_mask = torch.cat([torch.ones(B, 6, dtype=torch.long), b["prompt_mask"]], dim=1)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         shared = answer_logps(model, *_args(b), prefix_ids=prefix)
         separate = answer_logps_separate(model, joined_ids, joined_mask, b["answer_ids"], b["answer_mask"])
         without = answer_logps(model, *_args(b))
@@ -215,17 +217,25 @@ def test_shared_prefix_equals_prepending_it_to_every_prompt():
     assert (shared - without).abs().max() > 1e-3  # the prefix really conditions the answers
 
 
-def test_shared_prompt_gradients_match_separate():
-    """Gradients must flow through the shared prompt cache into the LoRA weights, as in the plain path."""
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["no-prefix", "prefix"])
+def test_shared_prompt_gradients_match_separate(with_prefix):
+    """Gradients must flow through the shared prefix's cache, the prompts and the answers beside
+    them into the LoRA weights, as in the plain path (prefix joined to every prompt there)."""
     model = apply_lora(_tiny_llama(), r=4, alpha=8, dropout=0.0, include_mlp=True)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.weight.normal_(0, 0.05)
     b = _batch([5, 3], [2, 3, 1, 2])
+    prefix = torch.randint(1, V, (1, 4), generator=torch.Generator().manual_seed(7)) if with_prefix else None
+    B = b["prompt_ids"].shape[0]
+    joined = b if prefix is None else dict(
+        b, prompt_ids=torch.cat([prefix.expand(B, -1), b["prompt_ids"]], dim=1),
+        prompt_mask=torch.cat([torch.ones(B, 4, dtype=torch.long), b["prompt_mask"]], dim=1))
     grads = []
-    for fn in (answer_logps, answer_logps_separate):
+    for logps in (lambda: answer_logps(model, *_args(b), prefix_ids=prefix),
+                  lambda: answer_logps_separate(model, *_args(joined))):
         model.zero_grad()
-        pc, pr = split_pairs(fn(model, *_args(b)))
+        pc, pr = split_pairs(logps())
         (pc - pr).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2  # A, B x 7 modules x 2 layers

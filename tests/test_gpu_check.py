@@ -117,10 +117,40 @@ def test_dpo_answer_logps_on_cuda_match_cpu(exact_fp32):
         model.cuda()
         args = [t.cuda() for t in (prompt_ids, prompt_mask, answer_ids, answer_mask)]
         got = answer_logps(model, *args, prefix_ids=prefix.cuda()).cpu()
-        cached = answer_logps(model, *args)  # the KV-cache path against the plain one, on the GPU
+        joined = answer_logps(model, *args)  # answers beside their prompts (tree mask) against the plain path, on the GPU
         plain = answer_logps_separate(model, *args)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(joined, plain, atol=1e-4, rtol=1e-4)
+
+
+@cuda
+@needs_cuda
+def test_dpo_answer_logps_gradients_on_cuda_match_cpu(exact_fp32):
+    """Training's path on the GPU: SDPA with the answers' tree mask (no flash kernel takes a bool
+    mask) and its backward give the CPU's LoRA gradients (written-out attention there)."""
+    from minilab.scoring import answer_logps
+    from minilab.lora import apply_lora, lora_layers
+
+    model = apply_lora(_tiny_llama(), r=4, alpha=8, dropout=0.0).eval()
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.05)
+    prefix = torch.randint(0, 500, (1, 5))
+    prompt_ids = torch.randint(0, 500, (2, 7))
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[1, :3] = 0
+    answer_ids = torch.randint(0, 500, (4, 3))
+    answer_mask = torch.ones_like(answer_ids)
+    answer_mask[1, 2:] = 0
+    grads = []
+    for device in ("cpu", "cuda"):
+        model.to(device).zero_grad()
+        args = [t.to(device) for t in (prompt_ids, prompt_mask, answer_ids, answer_mask)]
+        logps = answer_logps(model, *args, prefix_ids=prefix.to(device))
+        (logps[0::2] - logps[1::2]).sum().backward()
+        grads.append({n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-4, rtol=1e-3, msg=n)
 
 
 @cuda

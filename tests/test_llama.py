@@ -372,6 +372,8 @@ def test_wrong_attention_mask_shape_is_explained(tmp_path):
         ours(ids(2, 5), attention_mask=torch.ones(2, 1, 5, 4, dtype=torch.bool), position_ids=pos)
     with pytest.raises(ValueError, match=r"must be bool"):
         ours(ids(2, 5), attention_mask=torch.ones(2, 1, 5, 5, dtype=torch.long), position_ids=pos)
+    with pytest.raises(ValueError, match=r"on cpu, got torch.bool \(2, 1, 5, 5\) on meta"):
+        ours(ids(2, 5), attention_mask=torch.ones(2, 1, 5, 5, dtype=torch.bool, device="meta"), position_ids=pos)
     with pytest.raises(ValueError, match=r"a 4-d attention_mask needs position_ids"):
         ours(ids(2, 5), attention_mask=torch.ones(2, 1, 5, 5, dtype=torch.bool))
 
