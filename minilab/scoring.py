@@ -88,6 +88,25 @@ def _sum_per_row(token_logps: torch.Tensor, mask: torch.Tensor, normalize: bool)
     return out
 
 
+def _prompt_positions(prompt_mask: torch.Tensor, P: int) -> torch.Tensor:
+    """(B, Tp) positions of left-padded prompts after a P-token prefix. They count real tokens
+    only, so a prompt's first real token is at P whatever its padding."""
+    return P + (prompt_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def _answers_from_states(model: nn.Module, h_last: torch.Tensor, h_answer: torch.Tensor, answer_ids: torch.Tensor,
+                         answer_mask: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Summed log p of (B*n, Ta) answers from the states that predict their tokens: token 0 from
+    its prompt's last state h_last (B, D), token j from the answer's own state j - 1 in
+    h_answer (B*n, Ta - 1, D). So an answer's last column is only ever a target: the model runs
+    the first Ta - 1 (a label word and its end-of-turn token: one column, not two)."""
+    n = answer_ids.shape[0] // h_last.shape[0]
+    h_pred = torch.cat([h_last.repeat_interleave(n, dim=0)[:, None], h_answer], dim=1)  # (B*n, Ta, D)
+    sel = answer_mask.bool()
+    token_logps = _head_logps(model, h_pred[sel], answer_ids[sel])  # (N,) N = real answer tokens
+    return _sum_per_row(token_logps, sel, normalize)
+
+
 def _check_prompts(prompt_ids, prompt_mask) -> None:
     if prompt_ids.shape != prompt_mask.shape:
         raise ValueError(f"prompt ids and mask must have the same shape: {tuple(prompt_ids.shape)} vs {tuple(prompt_mask.shape)}")
@@ -160,8 +179,7 @@ def prefill(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     P = 0 if prefix is None else prefix.seq_len
     cache = model.new_cache() if prefix is None else prefix.repeat_interleave(B)  # the prefix's rows, B times
     mask = torch.cat([prompt_mask.new_ones(B, P), prompt_mask], dim=1)  # (B, P + Tp)
-    # Positions count real tokens only, so a prompt's first real token is at P whatever its padding.
-    pos = P + (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp)
+    pos = _prompt_positions(prompt_mask, P)  # (B, Tp)
     h = model.hidden_states(prompt_ids, attention_mask=mask, position_ids=pos, cache=cache)  # (B, Tp, D)
     return Prefilled(cache=cache, h_last=h[:, -1], mask=mask, next_pos=P + prompt_mask.sum(1))
 
@@ -176,13 +194,9 @@ def score_answers(model: nn.Module, prompts: Prefilled, answer_ids: torch.Tensor
     """
     n = _check_answers(answer_ids, answer_mask, prompts.h_last.shape[0])
     answer_mask = answer_mask.long()
-    # Token j of an answer is predicted by the state just before it: the prompt's last state for
-    # j = 0, the answer's state j - 1 after that. So the last column is only ever a target: no
-    # state of it is read, and the model runs the first Ta - 1 columns (a label word and its
-    # end-of-turn token: one column, not two).
-    h_last = prompts.h_last.repeat_interleave(n, dim=0)  # (B*n, D)
     Ta = answer_ids.shape[1]
-    if Ta > 1:
+    h_answer = prompts.h_last.new_zeros(answer_ids.shape[0], 0, prompts.h_last.shape[-1])  # one-token answers: none
+    if Ta > 1:  # the first Ta - 1 columns (`_answers_from_states`)
         inputs = answer_ids[:, :-1]  # (B*n, Ta - 1)
         # Share each prompt's cache with its n answers (a new cache: the prompts' own is left intact).
         cache = prompts.cache.repeat_interleave(n)
@@ -190,12 +204,7 @@ def score_answers(model: nn.Module, prompts: Prefilled, answer_ids: torch.Tensor
         answer_pos = prompts.next_pos.repeat_interleave(n)[:, None] + torch.arange(Ta - 1, device=answer_ids.device)
         full_mask = torch.cat([prompts.mask.repeat_interleave(n, dim=0), answer_mask[:, :-1]], dim=1)  # (B*n, S + Ta - 1)
         h_answer = model.hidden_states(inputs, attention_mask=full_mask, position_ids=answer_pos, cache=cache)  # (B*n, Ta - 1, D)
-        h_pred = torch.cat([h_last[:, None], h_answer], dim=1)  # (B*n, Ta, D)
-    else:  # one-token answers: the prompt's last state predicts them all
-        h_pred = h_last[:, None]  # (B*n, 1, D)
-    sel = answer_mask.bool()
-    token_logps = _head_logps(model, h_pred[sel], answer_ids[sel])  # (N,) N = real answer tokens
-    return _sum_per_row(token_logps, sel, normalize)
+    return _answers_from_states(model, prompts.h_last, h_answer, answer_ids, answer_mask, normalize)
 
 
 def answer_logps(
@@ -238,17 +247,13 @@ def answer_logps(
     A = answer_ids.shape[1] - 1  # columns an answer runs (its last token is only a target)
     ids = torch.cat([prompt_ids, answer_ids[:, :-1].reshape(B, n * A)], dim=1)  # (B, Tp + n*A)
     next_pos = P + prompt_mask.sum(1)  # (B,) position of each prompt's first answer token
-    prompt_pos = P + (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (B, Tp)
+    prompt_pos = _prompt_positions(prompt_mask, P)  # (B, Tp)
     answer_pos = (next_pos[:, None] + torch.arange(A, device=ids.device)).repeat(1, n)  # (B, n*A)
     mask = answer_tree_mask(prompt_mask, answer_mask[:, :-1].reshape(B, n * A), n, P)  # (B, 1, T, P + T)
     h = model.hidden_states(ids, attention_mask=mask, position_ids=torch.cat([prompt_pos, answer_pos], dim=1),
                             cache=cache)  # (B, Tp + n*A, D)
-    h_last = h[:, Tp - 1].repeat_interleave(n, dim=0)  # (B*n, D): predicts each answer's first token
     h_answer = h[:, Tp:].reshape(B * n, A, h.shape[-1])  # (B*n, A, D)
-    h_pred = torch.cat([h_last[:, None], h_answer], dim=1)  # (B*n, Ta, D)
-    sel = answer_mask.bool()
-    token_logps = _head_logps(model, h_pred[sel], answer_ids[sel])  # (N,)
-    return _sum_per_row(token_logps, sel, normalize)
+    return _answers_from_states(model, h[:, Tp - 1], h_answer, answer_ids, answer_mask, normalize)
 
 
 def answer_tree_mask(prompt_mask: torch.Tensor, answer_mask: torch.Tensor, n: int, P: int) -> torch.Tensor:
