@@ -16,7 +16,8 @@ and native dropout are the fast path. `bench/bench_bert.py --tricks` times each 
    (a new shape costs the CPU's matmul library a new kernel: `Packing` says how much).
 2. **A [CLS]-only last layer.** The classifier reads the last layer's [CLS] vector only. Its
    keys and values still need every token, but its query, output projection, LayerNorms and FFN
-   run on the B [CLS] rows alone.
+   run on the B [CLS] rows alone (the fused q/k/v weight is cut into its query rows and its
+   key/value rows for that).
 3. **Attention written out in training.** On the CPU, `scaled_dot_product_attention` with dropout
    has no fused kernel and falls back to a generic path that copies q, k and v to fp32 in every
    layer; two matmuls in autocast's dtype with an fp32 softmax and a mask bias built once per
@@ -311,14 +312,31 @@ class Packing:
 # 1-3. The encoder on packed rows
 
 
+def cls_query_and_keys(qkv: nn.Linear, x: torch.Tensor, packing: Packing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last layer's projections (2.): the query of the B [CLS] rows (B, H) and the keys and
+    values of every row, unpacked (B, T, 2H). The fused weight is laid out [query | key | value],
+    so its row slices are the three projections; the queries of the other N - B rows, a third of
+    this layer's q/k/v matmul, are never computed."""
+    H = qkv.out_features // 3
+    q = F.linear(x.index_select(0, packing.cls_rows), qkv.weight[:H], qkv.bias[:H])  # (B, H)
+    kv = packing.unpack(F.linear(x, qkv.weight[H:], qkv.bias[H:]))  # (B, T, 2H)
+    return q, kv
+
+
 def packed_attention(attn: BertSelfAttention, x: torch.Tensor, packing: Packing, cls_only: bool) -> torch.Tensor:
     """BertSelfAttention.forward on packed rows: x (N, H) -> (N, H), or (B, H) for [CLS] only."""
     B, T = packing.B, packing.T
-    qkv = packing.unpack(attn.qkv(x))  # (B, T, 3H)
-    H = qkv.shape[-1] // 3
-    q, k, v = qkv.view(B, T, 3, attn.n_head, H // attn.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hd)
-    if cls_only:
-        q = q[:, :, :1]  # only [CLS] asks; every real token still answers
+    if cls_only and type(attn.qkv) is nn.Linear:  # only [CLS] asks; every real token still answers
+        q, kv = cls_query_and_keys(attn.qkv, x, packing)
+        H = q.shape[-1]
+        q = q.view(B, 1, attn.n_head, H // attn.n_head).transpose(1, 2)  # (B, nh, 1, hd)
+        k, v = kv.view(B, T, 2, attn.n_head, H // attn.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hd)
+    else:
+        qkv = packing.unpack(attn.qkv(x))  # (B, T, 3H)
+        H = qkv.shape[-1] // 3
+        q, k, v = qkv.view(B, T, 3, attn.n_head, H // attn.n_head).permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, T, hd)
+        if cls_only:  # a qkv that is not a plain Linear: all queries computed, [CLS]'s kept
+            q = q[:, :, :1]
     if attn.training and x.device.type == "cpu":  # 3. written out (see the module docstring)
         att = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, nh, Tq, T)
         if packing.bias is not None:

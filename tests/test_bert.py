@@ -72,7 +72,13 @@ def save_tiny(model, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_clf(tmp_path_factory):
     torch.manual_seed(0)
-    hf = transformers.BertForSequenceClassification(tiny_hf_config()).eval()
+    # weights 10x transformers' default scale, so that attention's scores are not all alike, and
+    # biases and LayerNorms (which start at 0 and 1) moved: a wrong slice of any of them shows
+    hf = transformers.BertForSequenceClassification(tiny_hf_config(initializer_range=0.2)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p), alpha=0.1)
     return hf, save_tiny(hf, tmp_path_factory.mktemp("tiny_clf"))
 
 
@@ -143,6 +149,7 @@ def test_tiny_gradients_match_transformers(tiny_clf, fast):
     qkv_ref = torch.cat([getattr(hl.attention.self, n).weight.grad for n in ("query", "key", "value")])
     pairs = [
         (ol.attn.qkv.weight.grad, qkv_ref),
+        (ol.attn.qkv.bias.grad, torch.cat([getattr(hl.attention.self, n).bias.grad for n in ("query", "key", "value")])),
         (ol.ffn_in.weight.grad, hl.intermediate.dense.weight.grad),
         (ours.bert.layers[0].ffn_out.weight.grad, hf.bert.encoder.layer[0].output.dense.weight.grad),
         (ours.bert.embeddings.word.weight.grad, hf.bert.embeddings.word_embeddings.weight.grad),
@@ -454,6 +461,9 @@ def test_minilm_matches_transformers_on_real_text(fast):
     assert batch["attention_mask"].sum(1).min() < batch["input_ids"].shape[1]  # really padded
     assert_encoder_matches(ours.eval(), hf, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                            atol=1e-4)
+    with torch.no_grad():  # the classifier's own path (fast: the [CLS]-only last layer)
+        ref = hf(**batch).pooler_output
+        torch.testing.assert_close(ours.pooled(**batch), ref, atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- tokenizer
