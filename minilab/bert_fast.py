@@ -10,7 +10,8 @@ and native dropout are the fast path. `bench/bench_bert.py --tricks` times each 
 1. **No work on padding** (`Packing`, `PackedBertModel`). Text batches are padded to their
    longest sentence, and a third to a half of a batch is often padding. Everything in BERT except
    attention works token by token, so the real tokens are gathered into one packed (N, H) matrix
-   and only attention sees the (B, T) layout. Padding never influences real tokens (it is masked
+   and only attention sees the (B, T) layout (a batch with less than 1/16 padding, as batches
+   grouped by length often are, runs padded: the copies would cost more than they save). Padding never influences real tokens (it is masked
    as a key), so the real rows get the same math; only float rounding differs. N is rounded up to
    a multiple of 32 with a few padding rows, so that the matmul shapes repeat from batch to batch
    (a new shape costs the CPU's matmul library a new kernel: `Packing` says how much).
@@ -245,6 +246,7 @@ class BufferedEmbedding(nn.Module):
 
 
 ROW_MULTIPLE = 32  # packed rows are rounded up to a multiple of this (see Packing)
+MIN_PADDING = 1 / 16  # a batch is packed only when at least this share of its positions is padding
 
 
 class Packing:
@@ -262,28 +264,36 @@ class Packing:
     Rounded up to a multiple of 32, N repeats as the padded shapes do, for at most 31 rows of
     extra work (a BERT training run on sst2: 1.19-1.21x the examples/s). A filler is a padding
     position, so attention masks it as a key like any padding; its own output is never read.
+
+    Why not every padded batch: packing costs a gather and a scatter of the activations in every
+    layer, forward and backward, which pays only for the padding it skips. Batches grouped by
+    length (as train_bert.py and evaluation make them) are often 0-5% padding, and below about 6%
+    the copies cost more than the rows save (sst2 batches of 32, 3% padding on average, fp32: 2%
+    more examples/s unpacked). Such a batch runs padded, as in bert.py (`rows` None, `mask` set).
     """
 
     def __init__(self, attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device,
-                 row_multiple: int | None = None):
+                 row_multiple: int | None = None, min_padding: float | None = None):
         self.B, self.T = B, T
         row_multiple = row_multiple or ROW_MULTIPLE
-        self.fillers = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            keep = attention_mask.bool().clone()
-            keep[:, 0] = True
-            missing = -int(keep.sum()) % row_multiple
-            if missing:  # padding positions, as many as there are, up to the multiple
-                self.fillers = (~keep).flatten().nonzero().squeeze(1)[:missing]  # (F,) flat indices
-                keep.view(-1)[self.fillers] = True
-            self.rows = keep.flatten().nonzero().squeeze(1)  # (N,)
-            self.mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = may attend
-            self.positions = self.rows % T  # (N,) absolute position of each packed row
-            self.cls_rows = torch.searchsorted(self.rows, torch.arange(B, device=device) * T)  # (B,)
-        else:
-            self.rows = self.mask = None
-            self.positions = torch.arange(T, device=device).repeat(B)  # (B*T,)
-            self.cls_rows = torch.arange(B, device=device) * T
+        min_padding = MIN_PADDING if min_padding is None else min_padding
+        self.fillers = self.rows = self.mask = None
+        self.positions = torch.arange(T, device=device).repeat(B)  # (B*T,)
+        self.cls_rows = torch.arange(B, device=device) * T
+        if attention_mask is None or bool(attention_mask.all()):
+            return
+        self.mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = may attend
+        if 1 - int(attention_mask.sum()) / (B * T) < min_padding:
+            return  # run padded (see above)
+        keep = attention_mask.bool().clone()
+        keep[:, 0] = True
+        missing = -int(keep.sum()) % row_multiple
+        if missing:  # padding positions, as many as there are, up to the multiple
+            self.fillers = (~keep).flatten().nonzero().squeeze(1)[:missing]  # (F,) flat indices
+            keep.view(-1)[self.fillers] = True
+        self.rows = keep.flatten().nonzero().squeeze(1)  # (N,)
+        self.positions = self.rows % T  # (N,) absolute position of each packed row
+        self.cls_rows = torch.searchsorted(self.rows, self.cls_rows)  # (B,)
 
     @cached_property
     def bias(self) -> torch.Tensor | None:
@@ -298,13 +308,16 @@ class Packing:
         x = x.flatten(0, 1)
         return x if self.rows is None else x.index_select(0, self.rows)
 
-    def unpack(self, x: torch.Tensor, zero_fillers: bool = False) -> torch.Tensor:
-        """(N, D) -> (B, T, D), zeros at the padding rows we did not compute (and at the fillers,
-        if asked: their values are junk that attention masks anyway)."""
+    def unpack(self, x: torch.Tensor, zero_padding: bool = False) -> torch.Tensor:
+        """(N, D) -> (B, T, D), zeros at the padding rows we did not compute; with `zero_padding`,
+        zeros at every padding position (fillers, or all padding of a batch run padded, hold junk
+        that attention masks anyway)."""
         if self.rows is not None:
             x = x.new_zeros(self.B * self.T, x.shape[-1]).index_copy(0, self.rows, x)
-            if zero_fillers and self.fillers is not None:
+            if zero_padding and self.fillers is not None:
                 x = x.index_fill(0, self.fillers, 0.0)
+        elif zero_padding and self.mask is not None:
+            x = x.masked_fill(~self.mask.view(-1, 1), 0.0)
         return x.view(self.B, self.T, x.shape[-1])
 
 
@@ -384,7 +397,7 @@ class PackedBertModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         """-> (last_hidden (B, T, H), zeros at padding; pooled (B, H))"""
         x, packing = self.encode(input_ids, attention_mask, token_type_ids)
-        last_hidden = packing.unpack(x, zero_fillers=True)
+        last_hidden = packing.unpack(x, zero_padding=True)
         return last_hidden, self.pool(last_hidden[:, 0])
 
     def pooled(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:

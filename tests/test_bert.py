@@ -365,6 +365,33 @@ def test_packed_rows_are_rounded_up_with_padding_rows_that_change_no_real_result
     assert_encoder_matches(ours.bert, hf.bert, ids, mask, tt)
 
 
+@pytest.mark.parametrize("min_padding", [0.0, 1.0], ids=["packed", "run-padded"])
+def test_fast_model_packs_only_batches_with_enough_padding(tiny_clf, monkeypatch, min_padding):
+    """Below MIN_PADDING a batch runs padded, as in bert.py; packed or not, the hidden states (zero at
+    padding), the logits and the gradients are transformers'."""
+    hf, folder = tiny_clf
+    ids, mask, tt = tiny_batch()  # 3 x 9, 18 real tokens: 1/3 padding
+    few = torch.ones_like(mask)
+    few[2, -1] = 0  # 1 padding position in 27
+    assert bert_fast.Packing(mask, 3, 9, ids.device).rows is not None  # packed at the default 1/16
+    assert bert_fast.Packing(few, 3, 9, ids.device).rows is None  # run padded
+    assert bert_fast.Packing(few, 3, 9, ids.device).mask is not None  # ... with the padding masked
+    monkeypatch.setattr(bert_fast, "MIN_PADDING", min_padding)
+    assert (bert_fast.Packing(mask, 3, 9, ids.device).rows is None) == (min_padding == 1.0)
+    ours, _ = load_ours(folder, True, num_labels=3)
+    assert_encoder_matches(ours.bert, hf.bert, ids, mask, tt)
+    y = torch.tensor([0, 2, 1])
+    hf.zero_grad()
+    torch.nn.functional.cross_entropy(hf(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits, y).backward()
+    torch.nn.functional.cross_entropy(ours(ids, mask, tt), y).backward()
+    pairs = [(ours.bert.layers[0].ffn_out.weight.grad, hf.bert.encoder.layer[0].output.dense.weight.grad),
+             (ours.bert.embeddings.word.weight.grad, hf.bert.embeddings.word_embeddings.weight.grad),
+             (ours.classifier.weight.grad, hf.classifier.weight.grad)]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    hf.zero_grad()
+
+
 def test_dropout_scale_is_exact_in_bf16():
     """1/(1 - 0.1) rounds to 1.109375 in bf16; the kept values must be x / 0.9 rounded once."""
     drop = Dropout(0.1).train()
