@@ -10,11 +10,12 @@ and native dropout are the fast path. `bench/bench_bert.py --tricks` times each 
 1. **No work on padding** (`Packing`, `PackedBertModel`). Text batches are padded to their
    longest sentence, and a third to a half of a batch is often padding. Everything in BERT except
    attention works token by token, so the real tokens are gathered into one packed (N, H) matrix
-   and only attention sees the (B, T) layout (a batch with less than 1/16 padding, as batches
-   grouped by length often are, runs padded: the copies would cost more than they save). Padding never influences real tokens (it is masked
+   and only attention sees the (B, T) layout. Padding never influences real tokens (it is masked
    as a key), so the real rows get the same math; only float rounding differs. N is rounded up to
    a multiple of 32 with a few padding rows, so that the matmul shapes repeat from batch to batch
-   (a new shape costs the CPU's matmul library a new kernel: `Packing` says how much).
+   (a new shape costs the CPU's matmul library a new kernel: `Packing` says how much). A batch
+   with less than 1/16 padding, as batches grouped by length often are, runs padded: there the
+   copies would cost more than the rows they save.
 2. **A [CLS]-only last layer.** The classifier reads the last layer's [CLS] vector only. Its
    keys and values still need every token, but its query, output projection, LayerNorms and FFN
    run on the B [CLS] rows alone (the fused q/k/v weight is cut into its query rows and its
@@ -330,9 +331,9 @@ def cls_query_and_keys(qkv: nn.Linear, x: torch.Tensor, packing: Packing) -> tup
     values of every row, unpacked (B, T, 2H). The fused weight is laid out [query | key | value],
     so its row slices are the three projections; the queries of the other N - B rows, a third of
     this layer's q/k/v matmul, are never computed."""
-    H = qkv.out_features // 3
-    q = F.linear(x.index_select(0, packing.cls_rows), qkv.weight[:H], qkv.bias[:H])  # (B, H)
-    kv = packing.unpack(F.linear(x, qkv.weight[H:], qkv.bias[H:]))  # (B, T, 2H)
+    H, w, b = qkv.out_features // 3, qkv.weight, qkv.bias
+    q = F.linear(x.index_select(0, packing.cls_rows), w[:H], None if b is None else b[:H])  # (B, H)
+    kv = packing.unpack(F.linear(x, w[H:], None if b is None else b[H:]))  # (B, T, 2H)
     return q, kv
 
 
