@@ -311,14 +311,16 @@ class Packing:
 
     def unpack(self, x: torch.Tensor, zero_padding: bool = False) -> torch.Tensor:
         """(N, D) -> (B, T, D), zeros at the padding rows we did not compute; with `zero_padding`,
-        zeros at every padding position (fillers, or all padding of a batch run padded, hold junk
-        that attention masks anyway)."""
+        zeros at every padding position but position 0, which is always computed (the pooler reads
+        it). The others hold junk that attention masks anyway: fillers, or a batch run padded."""
         if self.rows is not None:
             x = x.new_zeros(self.B * self.T, x.shape[-1]).index_copy(0, self.rows, x)
             if zero_padding and self.fillers is not None:
                 x = x.index_fill(0, self.fillers, 0.0)
         elif zero_padding and self.mask is not None:
-            x = x.masked_fill(~self.mask.view(-1, 1), 0.0)
+            junk = ~self.mask.view(self.B, self.T)
+            junk[:, 0] = False  # as when packed: position 0 is kept even where it is padding
+            x = x.masked_fill(junk.view(-1, 1), 0.0)
         return x.view(self.B, self.T, x.shape[-1])
 
 

@@ -100,8 +100,10 @@ def assert_encoder_matches(ours: BertModel, hf_bert, ids, mask, tt, atol=1e-5):
     real = mask.bool()
     assert hidden.shape == ref.last_hidden_state.shape
     torch.testing.assert_close(hidden[real], ref.last_hidden_state[real], atol=atol, rtol=0)
-    if isinstance(ours, PackedBertModel):
-        assert hidden[~real].abs().max() == 0  # padding rows are not computed
+    if isinstance(ours, PackedBertModel):  # padding rows are zero (not computed), but position 0: the pooler reads it
+        pad = ~real
+        pad[:, 0] = False
+        assert not pad.any() or hidden[pad].abs().max() == 0
     torch.testing.assert_close(pooled, ref.pooler_output, atol=atol, rtol=0)
 
 
@@ -162,12 +164,16 @@ def test_tiny_gradients_match_transformers(tiny_clf, fast):
     hf.zero_grad()
 
 
-@FAST
-def test_train_mode_gradients_match_transformers_with_dropout_off(tiny_clf, fast):
+@pytest.mark.parametrize("fast,min_padding", [(False, None), (True, 0.0), (True, 1.0)],
+                         ids=["plain", "fast-packed", "fast-run-padded"])
+def test_train_mode_gradients_match_transformers_with_dropout_off(tiny_clf, fast, min_padding, monkeypatch):
     """Training takes other paths than eval (fast: written-out attention with a mask bias, the word
-    embedding's reused gradient buffer): with dropout at 0 its gradients must still equal the
-    reference's, over two accumulated backwards per step and three steps."""
+    embedding's reused gradient buffer, packed rows or a batch run padded): with dropout at 0 its
+    gradients must still equal the reference's, over two accumulated backwards per step and three steps."""
     import copy
+
+    if min_padding is not None:
+        monkeypatch.setattr(bert_fast, "MIN_PADDING", min_padding)
 
     hf_eval, folder = tiny_clf
     hf = copy.deepcopy(hf_eval)
@@ -380,6 +386,8 @@ def test_fast_model_packs_only_batches_with_enough_padding(tiny_clf, monkeypatch
     assert (bert_fast.Packing(mask, 3, 9, ids.device).rows is None) == (min_padding == 1.0)
     ours, _ = load_ours(folder, True, num_labels=3)
     assert_encoder_matches(ours.bert, hf.bert, ids, mask, tt)
+    # left padding: position 0 is padding, yet forward's pooled output reads it, as transformers' does
+    assert_encoder_matches(ours.bert, hf.bert, ids, mask.flip(1), tt)
     y = torch.tensor([0, 2, 1])
     hf.zero_grad()
     torch.nn.functional.cross_entropy(hf(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits, y).backward()
