@@ -7,6 +7,7 @@ real 6-layer MiniLM, whose activations are larger.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -170,8 +171,6 @@ def test_train_mode_gradients_match_transformers_with_dropout_off(tiny_clf, fast
     """Training takes other paths than eval (fast: written-out attention with a mask bias, the word
     embedding's reused gradient buffer, packed rows or a batch run padded): with dropout at 0 its
     gradients must still equal the reference's, over two accumulated backwards per step and three steps."""
-    import copy
-
     if min_padding is not None:
         monkeypatch.setattr(bert_fast, "MIN_PADDING", min_padding)
 
@@ -398,6 +397,23 @@ def test_fast_model_packs_only_batches_with_enough_padding(tiny_clf, monkeypatch
     for got, want in pairs:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     hf.zero_grad()
+
+
+def test_cls_only_layer_keeps_a_qkv_that_is_not_a_plain_linear(tiny_clf):
+    """The [CLS]-only layer cuts a plain Linear's weight into query and key/value rows; any other q/k/v
+    module (here a LoRALinear with a non-zero update) must run whole, or its update would be lost."""
+    from minilab.lora import LoRALinear
+
+    _, folder = tiny_clf
+    plain, _ = load_ours(folder, False, num_labels=3)
+    last = plain.bert.layers[-1].attn
+    last.qkv = LoRALinear(last.qkv, r=2, alpha=4)
+    with torch.no_grad():
+        last.qkv.lora_B.weight.normal_()
+    fast = speed_up(copy.deepcopy(plain))
+    ids, mask, tt = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids, mask, tt), plain(ids, mask, tt), atol=1e-5, rtol=0)
 
 
 def test_dropout_scale_is_exact_in_bf16():
