@@ -124,6 +124,8 @@ class Trainer:
             self.scheduler.step()
             self.nonfinite_in_row = 0
         else:  # skipped: logged, counted, and its gradients dropped below
+            if self.scaler.is_enabled():  # fp16: unscale_ above must be closed by an update (which lowers the scale),
+                self.scaler.update()  # or the next step's unscale_ raises and the run cannot recover
             self.nonfinite, self.nonfinite_in_row = self.nonfinite + 1, self.nonfinite_in_row + 1
             self.log.add({"nonfinite_loss": loss_sum, "nonfinite_grad_norm": grad_norm, "lr": self.lr}, self.step, "skipped")
             self.progress.write(f"step {self.step + 1}: loss {loss_sum} / gradient norm {grad_norm} not finite: step skipped")

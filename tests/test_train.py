@@ -202,6 +202,21 @@ def test_nonfinite_steps_are_skipped_counted_and_weights_stay_finite():
     assert t.scheduler.last_epoch == 7  # the schedule advanced only on the 7 real steps
 
 
+def test_fp16_scaler_survives_a_skipped_step_and_lowers_its_scale():
+    """fp16's gradient scaler (CUDA only in the loop; its CPU twin here, the same code) after a NaN loss:
+    the skipped step must close the scaler's unscale_ with an update, or the next step's unscale_ raises
+    "unscale_() has already been called" and the run dies at its first overflow."""
+    x, y = _problem()
+    batches = [list(range(i, i + 16)) for i in range(0, 256, 16)]
+    cfg = TrainConfig(max_steps=6, lr=1e-2, precision="fp32", progress=False, log_every=1)
+    t = Trainer(_linear(), lambda e: batches, _nan_at({3}, x, y), cfg, torch.device("cpu"))
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    res = t.run()
+    assert res.steps == 6 and res.nonfinite_steps == 1
+    assert t.scaler.get_scale() == 2.0**9  # halved once, for the NaN step; the other 5 steps kept it
+    assert t.scheduler.last_epoch == 5
+
+
 def test_three_nonfinite_steps_in_a_row_stop_the_run_with_one_line():
     x, y = _problem()
     batches = [list(range(i, i + 16)) for i in range(0, 256, 16)]
