@@ -139,7 +139,8 @@ profile: install-dev
 	$(BIN)/python bench/profile_step.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,)
 
 # On a CUDA machine (no Hub): the cuda tests, BERT-base / Llama-1B-sized steps (tokens/s, MFU), fp16 + scaler,
-# a short real DPO run. `python bench/gpu_check.py --dry-run` runs the same on the CPU, tiny.
+# a short real DPO run. `python bench/gpu_check.py --dry-run` runs the same on the CPU, tiny. On a machine with
+# no network and a cap on what travels (a lent GPU machine), `bash bench/gpu_device.sh` carries the model and data.
 gpu-check: install-dev
 	$(BIN)/python bench/gpu_check.py $(if $(MINILAB_DATA),--data $(MINILAB_DATA)/sst2,)
 

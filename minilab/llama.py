@@ -173,11 +173,12 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.inv_freq = rope_inv_freq(config)  # (hd/2,) fp32, CPU; moved to the input's device on use
+        self.inv_freq = rope_inv_freq(config)  # (hd/2,) fp32, CPU; moved to the input's device on first use
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq.to(position_ids.device)
-        angles = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+        if self.inv_freq.device != position_ids.device:  # kept there: a copy from the CPU per call waits for the GPU
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        angles = position_ids.float()[..., None] * self.inv_freq  # (B, T, hd/2)
         angles = torch.cat([angles, angles], dim=-1)  # (B, T, hd): HF's "rotate half" layout
         return angles.cos(), angles.sin()
 
