@@ -62,7 +62,7 @@ from minilab.report import markdown_table  # noqa: E402
 # Peak dense bf16 tensor-core TFLOP/s (no sparsity), by a pattern of torch.cuda.get_device_name.
 PEAK_TFLOPS = [
     (r"H100.*PCIe", 756.0, "bf16"),  # before the general H100 row: the first match wins
-    (r"H100 NVL", 835.0, "bf16"),
+    (r"H[12]00 NVL", 835.0, "bf16"),
     (r"H100|H200|GH200", 989.0, "bf16"),
     (r"A100", 312.0, "bf16"),
     (r"\bL4\b", 121.0, "bf16"),
@@ -447,6 +447,8 @@ def parse_args(argv=None):
     args.steps = args.steps or (2 if args.dry_run else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 3)
     args.only = [s.strip().lower() for s in args.only.split(",")] if args.only else None
+    if args.data:  # absolute: the DPO run starts train_dpo.py in a temporary folder
+        args.data = str(Path(args.data).resolve())
     return args
 
 

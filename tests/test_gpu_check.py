@@ -31,6 +31,19 @@ def test_gpu_check_dry_run_prints_every_check():
         float(cells[3])  # seconds
 
 
+def test_gpu_check_hands_train_dpo_an_absolute_data_path(tmp_path, monkeypatch):
+    """The DPO check starts train_dpo.py in a temporary folder, where a relative --data (as
+    bench/gpu_device.sh passes, `.gpu/sst2`) would name nothing: it must be made absolute first."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    monkeypatch.chdir(tmp_path)
+    args = gpu_check.parse_args(["--dry-run", "--data", "data/sst2"])
+    assert args.data == str(tmp_path / "data" / "sst2")
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA only
 
